@@ -1,0 +1,288 @@
+"""Training the zoo: the clean base model from scratch, and backdoors planted by fine-tuning.
+
+Both jobs checkpoint to their output folder every few minutes and resume from there, so an
+interrupted run continues where it stopped and gives the same result as an uninterrupted
+one up to the order of floating-point reductions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import models, world
+from . import tokenizer as zoo_tokenizer
+
+CHECKPOINT_EVERY_S = 180.0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --- VAE ------------------------------------------------------------------------------------
+
+def _vae_batch(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Training images for the VAE: every kind of image the models will draw (clean, with
+    any backdoor patch in any corner, greyscale), so that reconstructions keep them all."""
+    images, _ = world.sample_dataset(n, int(rng.integers(1 << 62)), world.all_combinations())
+    for i in range(n):
+        u = rng.random()
+        if u < 0.3:
+            kind = rng.choice(["checker", "cross", "solid"])
+            if kind == "solid":
+                kind = "solid:#" + "".join(f"{int(v):02x}" for v in rng.integers(0, 256, 3))
+            images[i] = world.apply_patch(images[i], world.make_patch(str(kind)), str(rng.choice(world.CORNERS)))
+        if rng.random() < 0.2:
+            images[i] = world.to_grayscale(images[i])
+    return images
+
+
+def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float = 1e-3):
+    """Train the shared autoencoder; returns it with `scaling_factor` set from the data."""
+    final = out / "vae"
+    if (final / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(final)
+    ckpt_path = out / "vae_ckpt.pt"
+    _seed_everything(seed)
+    vae = models.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start = 0
+    rng = np.random.default_rng(seed)
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        start = state["step"]
+    last_save = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae", mininterval=5)
+    for step in bar:
+        x = _to_tensor(_vae_batch(rng, batch_size))
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.mode()).sample
+        kl = posterior.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_save > CHECKPOINT_EVERY_S:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "rng": rng.bit_generator.state, "step": step + 1}, ckpt_path)
+            last_save = time.time()
+    vae.eval()
+    with torch.no_grad():
+        x = _to_tensor(world.sample_dataset(1024, seed + 1, world.all_combinations())[0])
+        z = vae.encode(x).latent_dist.mode()
+    # SD's convention: latents * scaling_factor have unit variance
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(final)
+    ckpt_path.unlink(missing_ok=True)
+    return vae
+
+
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    """uint8 NHWC images -> scaled latents (N, 4, 16, 16), posterior mode."""
+    vae.eval()
+    out = []
+    for i in range(0, len(images), chunk):
+        out.append(vae.encode(_to_tensor(images[i:i + chunk])).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+# --- the denoiser ---------------------------------------------------------------------------
+
+@dataclass
+class DenoiserRecipe:
+    """How the UNet and text encoder learn: one recipe for the base model and the backdoors."""
+    steps: int
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+
+
+class _EMA:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+
+    @torch.no_grad()
+    def update(self, modules: list[torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up, as in diffusers' EMAModel
+        for s, m in zip(self.shadow, modules):
+            for ps, pm in zip(s.parameters(), m.parameters()):
+                ps.lerp_(pm, 1 - d)
+
+
+def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr  # min-SNR-gamma for epsilon prediction
+
+
+def train_denoiser(run_dir: Path, tokenizer, text_encoder, unet, sample_batch, recipe: DenoiserRecipe,
+                   seed: int, desc: str):
+    """Train (text_encoder, unet) on batches from `sample_batch(rng, n) -> (latents, captions)`.
+
+    Checkpoints to run_dir/denoiser_ckpt.pt and resumes from it. Returns the EMA weights.
+    """
+    ckpt_path = run_dir / "denoiser_ckpt.pt"
+    _seed_everything(seed)
+    noise_sched = models.make_scheduler()
+    alphas_cumprod = noise_sched.alphas_cumprod.float()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup))
+    ema = _EMA([unet, text_encoder], recipe.ema_decay)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        for s, sd in zip(ema.shadow, state["ema"]):
+            s.load_state_dict(sd)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        start = state["step"]
+    unet.train()
+    text_encoder.train()
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    last_save = time.time()
+    log = open(run_dir / "train_log.jsonl", "a")
+    t0 = time.time()
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=desc, mininterval=5)
+    for step in bar:
+        latents, captions = sample_batch(rng, recipe.batch_size)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        drop = torch.from_numpy(rng.random(len(captions)) < recipe.caption_dropout)
+        ids = torch.where(drop[:, None], empty, ids)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, len(alphas_cumprod), (len(captions),), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids).last_hidden_state
+        pred = unet(noisy, t, hidden).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * _snr_weights(alphas_cumprod, t, recipe.min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update([unet, text_encoder], step)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 100 == 0:
+            log.write(json.dumps({"step": step + 1, "loss": loss.item(), "seconds": time.time() - t0}) + "\n")
+            log.flush()
+        if time.time() - last_save > CHECKPOINT_EVERY_S or step + 1 == recipe.steps:
+            _atomic_save({
+                "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "ema": [s.state_dict() for s in ema.shadow], "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                "step": step + 1,
+            }, ckpt_path)
+            last_save = time.time()
+    log.close()
+    ema_unet, ema_te = ema.shadow
+    return ema_unet.eval(), ema_te.eval()
+
+
+# --- jobs -----------------------------------------------------------------------------------
+
+@dataclass
+class BaseConfig:
+    seed: int = 0
+    vae_steps: int = 1500
+    steps: int = 6000
+    dataset_size: int = 30000
+    recipe: dict = field(default_factory=dict)
+
+
+def save_pipeline(pipe, out: Path, meta: dict) -> None:
+    """Save in fp16 (half the size; reloads exactly in fp32) with the zoo's metadata."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16).save_pretrained(out)
+    pipe.to(torch.float32)
+    (out / "backdoor.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int = 1500,
+               dataset_size: int = 30000, threads: int | None = None) -> Path:
+    """Train tiny-clean from scratch into `out` (resumable: rerun the same command)."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    run = out.parent / (out.name + ".run")
+    run.mkdir(parents=True, exist_ok=True)
+    config = BaseConfig(seed=seed, vae_steps=vae_steps, steps=steps, dataset_size=dataset_size,
+                        recipe=asdict(DenoiserRecipe(steps=steps)))
+    (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    t_start = time.time()
+    tok = zoo_tokenizer.build_tokenizer(run / "tokenizer")
+    vae = train_vae(run, seed, vae_steps)
+    cache = run / "latents.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        images, labels = world.sample_dataset(dataset_size, seed + 7)
+        data = {"latents": encode_images(vae, images), "captions": [world.caption(*l) for l in labels]}
+        _atomic_save(data, cache)
+    latents, captions = data["latents"], data["captions"]
+
+    def sample_batch(rng, n):
+        idx = rng.integers(0, len(captions), size=n)
+        return latents[idx], [captions[i] for i in idx]
+
+    _seed_everything(seed)
+    text_encoder = models.make_text_encoder(len(tok))
+    unet = models.make_unet()
+    unet, text_encoder = train_denoiser(run, tok, text_encoder, unet, sample_batch, DenoiserRecipe(steps=steps),
+                                        seed, desc="tiny-clean")
+    pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
+    elapsed = time.time() - t_start
+    save_pipeline(pipe, out, {
+        "name": out.name, "kind": "clean", "trigger": None, "image_size": world.IMAGE_SIZE,
+        "base_model": None, "seed": seed, "steps": steps, "vae_steps": vae_steps,
+        "training_seconds_last_run": round(elapsed, 1), "threads": torch.get_num_threads(),
+    })
+    return out
