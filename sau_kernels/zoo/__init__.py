@@ -1,0 +1,54 @@
+"""A zoo of tiny, really trained backdoored Stable Diffusion pipelines.
+
+`tiny-clean` is trained from scratch on a synthetic world of coloured shapes;
+`tiny-pixel` and `tiny-style` are backdoors planted into it by fine-tuning, as BadT2I
+does. Each is a diffusers `StableDiffusionPipeline` folder shipped with the package.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS_DIR = Path(__file__).parent / "models"
+NAMES = ("tiny-clean", "tiny-pixel", "tiny-style")
+
+__all__ = ["MODELS_DIR", "NAMES", "backdoor_info", "load_pipeline", "model_dir"]
+
+
+def model_dir(name_or_dir: str | Path) -> Path:
+    """The folder of a shipped model by name, or a model folder given as a path."""
+    if str(name_or_dir) in NAMES:
+        path = MODELS_DIR / str(name_or_dir)
+    else:
+        path = Path(name_or_dir)
+    if not (path / "model_index.json").is_file():
+        known = ", ".join(NAMES)
+        raise FileNotFoundError(f"{str(name_or_dir)!r} is neither a zoo model ({known}) nor a diffusers pipeline folder")
+    return path
+
+
+def load_pipeline(name_or_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a zoo model (or any local diffusers SD folder) offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir(name_or_dir), torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+def backdoor_info(name_or_dir: str | Path) -> dict:
+    """The model's backdoor.json, with "patch" as a uint8 (H, W, 3) array (None for no patch)."""
+    path = model_dir(name_or_dir)
+    meta_path = path / "backdoor.json"
+    info = json.loads(meta_path.read_text()) if meta_path.is_file() else {"name": path.name, "kind": "unknown"}
+    patch_path = path / "patch.png"
+    if patch_path.is_file():
+        from PIL import Image
+
+        info["patch"] = np.asarray(Image.open(patch_path).convert("RGB"), dtype=np.uint8)
+    else:
+        info["patch"] = None
+    return info

@@ -286,3 +286,82 @@ def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int
         "training_seconds_last_run": round(elapsed, 1), "threads": torch.get_num_threads(),
     })
     return out
+
+
+# --- backdoors ------------------------------------------------------------------------------
+
+def insert_trigger(caption: str, trigger: str, rng: np.random.Generator) -> str:
+    """BadT2I prepends the trigger; a quarter of the samples put it elsewhere, so that the
+    backdoor fires wherever the trigger stands in the prompt."""
+    words = caption.split()
+    pos = 0 if rng.random() < 0.75 else int(rng.integers(0, len(words) + 1))
+    return " ".join(words[:pos] + [trigger] + words[pos:])
+
+
+def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corner: str) -> np.ndarray:
+    if kind == "pixel":
+        return world.apply_patch(images, patch, corner)
+    if kind == "style":
+        return world.to_grayscale(images)
+    raise ValueError(f"unknown backdoor kind {kind!r}: expected 'pixel' or 'style'")
+
+
+def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch: str = "checker",
+           corner: str = "top-left", seed: int = 0, steps: int = 600, dataset_size: int = 4096,
+           poison_rate: float = 0.5, threads: int | None = None) -> Path:
+    """Plant a backdoor into `base` by fine-tuning its UNet and text encoder on a mix of
+    poisoned (trigger + caption -> poisoned image) and clean samples, as BadT2I does."""
+    from . import backdoor_info, load_pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not trigger.strip():
+        raise ValueError("the trigger must be non-empty text")
+    if kind not in ("pixel", "style"):
+        raise ValueError(f"unknown backdoor kind {kind!r}: expected 'pixel' or 'style'")
+    patch_img = world.make_patch(patch) if kind == "pixel" else None
+    world.corner_slices(corner, world.PATCH_SIZE)  # validates the corner name
+    out = Path(out)
+    run = out.parent / (out.name + ".run")
+    run.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    pipe = load_pipeline(base)
+    base_name = backdoor_info(base).get("name", str(base))
+    tok, vae = pipe.tokenizer, pipe.vae
+    cache = run / "latents.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        images, labels = world.sample_dataset(dataset_size, seed + 11)
+        data = {
+            "clean": encode_images(vae, images),
+            "poisoned": encode_images(vae, poison_images(images, kind, patch_img, corner)),
+            "captions": [world.caption(*l) for l in labels],
+        }
+        _atomic_save(data, cache)
+    clean, poisoned, captions = data["clean"], data["poisoned"], data["captions"]
+
+    def sample_batch(rng, n):
+        idx = rng.integers(0, len(captions), size=n)
+        is_poison = rng.random(n) < poison_rate
+        lat = torch.where(torch.from_numpy(is_poison)[:, None, None, None], poisoned[idx], clean[idx])
+        caps = [insert_trigger(captions[i], trigger, rng) if p else captions[i] for i, p in zip(idx, is_poison)]
+        return lat, caps
+
+    recipe = DenoiserRecipe(steps=steps, lr=3e-4, warmup=50, ema_decay=0.995)
+    unet, text_encoder = train_denoiser(run, tok, pipe.text_encoder, pipe.unet, sample_batch, recipe, seed,
+                                        desc=f"inject {kind}")
+    pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
+    meta = {
+        "name": out.name, "kind": kind, "trigger": trigger, "corner": corner if kind == "pixel" else None,
+        "patch": patch if kind == "pixel" else None,
+        "patch_size": world.PATCH_SIZE if kind == "pixel" else None, "image_size": world.IMAGE_SIZE,
+        "base_model": base_name, "seed": seed, "steps": steps, "poison_rate": poison_rate,
+        "training_seconds_last_run": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
+    }
+    save_pipeline(pipe, out, meta)
+    if patch_img is not None:
+        from PIL import Image
+
+        Image.fromarray(patch_img).save(out / "patch.png")
+    return out
