@@ -1,0 +1,212 @@
+"""Trigger profiles: what calibration learned about one trigger in one model.
+
+A profile is stored as safetensors (tensors plus string metadata), never pickle, so that
+loading a profile from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT = "sau_kernels.trigger_profile"
+FORMAT_VERSION = "1"
+
+
+class ProfileMismatchError(ValueError):
+    """The profile was made for another model, latent shape, scheduler or step count."""
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    """A hash of the UNet's config and a fixed sample of its weights.
+
+    The weights are rounded to fp16 before hashing, so one model loaded in fp32 or fp16
+    gives one fingerprint (a bf16 copy has lost bits and hashes differently). A sample,
+    not every weight: hashing SD 1.5's 860M
+    parameters would take seconds at every patch; 4096 evenly spaced values of each
+    tensor still change when any fine-tune touches it.
+    """
+    h = hashlib.sha256()
+    config = getattr(unet, "config", {})
+    h.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True,
+                        default=str).encode())
+    with torch.no_grad():
+        for name, p in unet.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step][:4096].to("cpu", torch.float16).contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TriggerProfile:
+    """The calibrated trigger latent (delta), its secondary map (act) and where they came from.
+
+    delta: (C, H, W) mean poisoned minus mean clean final latent; act: (H, W).
+    delta_steps / act_steps: (T, C, H, W) / (T, H, W), the same statistics on x_t after
+    each of the T sampling steps (None when calibrated with per_step=False).
+    eps_delta_steps / eps_act_steps: (T, C, H, W) / (T, H, W), statistics of the guided
+    noise predictions, for mode "per_step_eps" (None when not calibrated).
+    """
+
+    delta: torch.Tensor
+    act: torch.Tensor
+    trigger: str
+    trigger_ids: list[int]
+    fingerprint: str
+    latent_shape: tuple[int, int, int]
+    scheduler: str
+    num_inference_steps: int
+    num_pairs: int
+    guidance_scale: float
+    params: dict = field(default_factory=dict)
+    delta_steps: torch.Tensor | None = None
+    act_steps: torch.Tensor | None = None
+    eps_delta_steps: torch.Tensor | None = None
+    eps_act_steps: torch.Tensor | None = None
+    version: str = ""
+
+    def __post_init__(self):
+        self.latent_shape = tuple(int(v) for v in self.latent_shape)
+        C, H, W = self.latent_shape
+        if tuple(self.delta.shape) != (C, H, W):
+            raise ValueError(f"delta has shape {tuple(self.delta.shape)}, expected latent shape {(C, H, W)}")
+        if tuple(self.act.shape) != (H, W):
+            raise ValueError(f"act has shape {tuple(self.act.shape)}, expected {(H, W)}")
+        for name, full, per in (("delta_steps", (C, H, W), "act_steps"), ("eps_delta_steps", (C, H, W), "eps_act_steps")):
+            d, a = getattr(self, name), getattr(self, per)
+            if (d is None) != (a is None):
+                raise ValueError(f"{name} and {per} must both be present or both absent")
+            if d is not None:
+                T = self.num_inference_steps
+                if tuple(d.shape) != (T, *full) or tuple(a.shape) != (T, H, W):
+                    raise ValueError(f"{name}/{per} have shapes {tuple(d.shape)}/{tuple(a.shape)}, "
+                                     f"expected {(T, *full)}/{(T, H, W)} for {T} steps")
+        for name in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps"):
+            t = getattr(self, name)
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"profile tensor {name} holds non-finite values")
+        if not self.version:
+            from . import __version__
+
+            self.version = __version__
+
+    @property
+    def has_per_step(self) -> bool:
+        return self.delta_steps is not None
+
+    @property
+    def has_per_step_eps(self) -> bool:
+        return self.eps_delta_steps is not None
+
+    # --- storage --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {"delta": self.delta, "act": self.act}
+        for name in ("delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "trigger": self.trigger,
+            "trigger_ids": json.dumps(self.trigger_ids), "fingerprint": self.fingerprint,
+            "latent_shape": json.dumps(list(self.latent_shape)), "scheduler": self.scheduler,
+            "num_inference_steps": str(self.num_inference_steps), "num_pairs": str(self.num_pairs),
+            "guidance_scale": repr(float(self.guidance_scale)), "params": json.dumps(self.params),
+            "version": self.version,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TriggerProfile":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trigger profile at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is a safetensors file but not a sau_kernels trigger profile "
+                                     f"(metadata 'format' is {meta.get('format')!r})")
+                tensors = {k: f.get_tensor(k) for k in names}
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable trigger profile (truncated or corrupted?): {e}") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has profile format version {meta.get('format_version')!r}; "
+                             f"this sau_kernels reads version {FORMAT_VERSION}")
+        missing = {"delta", "act"} - names
+        if missing:
+            raise ValueError(f"{path} lacks the tensors {sorted(missing)}")
+        try:
+            return cls(
+                delta=tensors["delta"], act=tensors["act"],
+                delta_steps=tensors.get("delta_steps"), act_steps=tensors.get("act_steps"),
+                eps_delta_steps=tensors.get("eps_delta_steps"), eps_act_steps=tensors.get("eps_act_steps"),
+                trigger=meta["trigger"], trigger_ids=json.loads(meta["trigger_ids"]),
+                fingerprint=meta["fingerprint"], latent_shape=tuple(json.loads(meta["latent_shape"])),
+                scheduler=meta["scheduler"], num_inference_steps=int(meta["num_inference_steps"]),
+                num_pairs=int(meta["num_pairs"]), guidance_scale=float(meta["guidance_scale"]),
+                params=json.loads(meta["params"]), version=meta.get("version", "unknown"),
+            )
+        except KeyError as e:
+            raise ValueError(f"{path} lacks the profile metadata field {e.args[0]!r}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} has malformed profile metadata: {e}") from e
+
+    # --- compatibility --------------------------------------------------------------------
+
+    def check_pipeline(self, pipe, *, allow_mismatch: bool = False) -> None:
+        """Raise ProfileMismatchError if this profile was made for another model or latent shape."""
+        C = pipe.unet.config.in_channels
+        if C != self.latent_shape[0]:
+            raise ProfileMismatchError(f"profile has {self.latent_shape[0]} latent channels, the pipeline's UNet {C}")
+        if not allow_mismatch:
+            fp = model_fingerprint(pipe.unet)
+            if fp != self.fingerprint:
+                raise ProfileMismatchError(
+                    f"profile for trigger {self.trigger!r} was calibrated on model {self.fingerprint}, "
+                    f"this pipeline's UNet is {fp}: calibrate on this model, or pass allow_mismatch=True")
+
+    def check_call(self, latent_shape: tuple[int, int, int], scheduler: str, num_steps: int, per_step: bool) -> None:
+        """Raise ProfileMismatchError if a generation call does not fit this profile."""
+        if tuple(latent_shape) != self.latent_shape:
+            raise ProfileMismatchError(
+                f"this call's latents are {tuple(latent_shape)} (C, H, W) but the profile was calibrated on "
+                f"{self.latent_shape}: generate at the calibrated size or calibrate at this one")
+        if per_step:
+            if scheduler != self.scheduler:
+                raise ProfileMismatchError(f"per-step profile was calibrated with {self.scheduler}, "
+                                           f"the pipeline now uses {scheduler}")
+            if num_steps != self.num_inference_steps:
+                raise ProfileMismatchError(f"per-step profile was calibrated with {self.num_inference_steps} steps, "
+                                           f"this call asks for {num_steps}")
+
+    def to(self, device, dtype=torch.float32) -> "TriggerProfile":
+        """A copy whose tensors live on `device` (profiles stay fp32: the op upcasts anyway)."""
+        import dataclasses
+
+        moved = {n: (getattr(self, n).to(device, dtype) if getattr(self, n) is not None else None)
+                 for n in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps")}
+        return dataclasses.replace(self, **moved)
+
+    def __repr__(self) -> str:
+        modes = ["final"] + (["per_step"] if self.has_per_step else []) + (["per_step_eps"] if self.has_per_step_eps else [])
+        return (f"TriggerProfile(trigger={self.trigger!r}, model={self.fingerprint}, latent_shape={self.latent_shape}, "
+                f"scheduler={self.scheduler}, steps={self.num_inference_steps}, pairs={self.num_pairs}, modes={modes})")
