@@ -59,7 +59,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     from diffusers.utils.torch_utils import randn_tensor
 
     from .ops import secondary_map
-    from .pipeline import call_unpatched
+    from .pipeline import TwinConditioning, call_unpatched
 
     if not isinstance(trigger, str) or not trigger.strip():
         raise ValueError("trigger must be non-empty text")
@@ -78,7 +78,6 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         d = (poisoned.float() - clean.float()).sum(dim=0)
         sums[name] = sums[name] + d if name in sums else d
 
-    eps_capture = _GuidedEpsCapture(pipe, guidance_scale) if per_step_eps else None
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=num_pairs, desc=f"calibrating {trigger!r}", unit="pair", disable=not progress)
@@ -94,28 +93,25 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
 
             def on_step(p, i, t, kw):
                 x = kw["latents"]
-                if per_step:
-                    accumulate(f"step{i}", x[:n], x[n:])
-                if eps_capture is not None:
-                    e = eps_capture.last
-                    accumulate(f"eps{i}", e[:n], e[n:])
+                accumulate(f"step{i}", x[:n], x[n:])
                 return {}
 
-            if eps_capture is not None:
-                eps_capture.attach()
-            try:
-                out = call_unpatched(
-                    pipe, [poisoned_prompt(trigger, p) for p in clean_prompts] + clean_prompts,
-                    latents=torch.cat([noise, noise]), num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, output_type="latent",
-                    callback_on_step_end=on_step if (per_step or per_step_eps) else None,
-                    height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor,
-                )
-            finally:
-                if eps_capture is not None:
-                    eps_capture.detach()
-            z = out.images
+            poisoned = [poisoned_prompt(trigger, p) for p in clean_prompts]
+            size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="latent")
+            z = call_unpatched(pipe, poisoned + clean_prompts, latents=torch.cat([noise, noise]),
+                               callback_on_step_end=on_step if per_step else None, **size).images
             accumulate("final", z[:n], z[n:])
+            if per_step_eps:
+                # Mode "per_step_eps" keeps the poisoned trajectory alone and compares, at
+                # each step, its guided noise with the clean twin's at the same x_t.
+                def on_eps(i, g_p, g_c):
+                    accumulate(f"eps{i}", g_p, g_c)
+                    return None
+
+                twin, _ = pipe.encode_prompt(clean_prompts, device, 1, False)
+                with TwinConditioning(pipe, twin, list(range(n)), guidance_scale, on_eps):
+                    call_unpatched(pipe, poisoned, latents=noise, **size)
             bar.update(n)
     finally:
         bar.close()
@@ -139,24 +135,3 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         params={"seed": seed, "act_sigma": ACT_SIGMA, "act_ksize": ACT_KSIZE, "num_prompts": len(prompts),
                 "prompt_form": "trigger + ' ' + prompt"},
     )
-
-
-class _GuidedEpsCapture:
-    """Keeps the guided noise prediction of the latest UNet call (a forward hook, removed after)."""
-
-    def __init__(self, pipe, guidance_scale: float):
-        self.pipe, self.g, self.last, self.handle = pipe, guidance_scale, None, None
-
-    def attach(self):
-        def hook(module, args, output):
-            eps = output[0] if isinstance(output, tuple) else output.sample
-            if self.g > 1:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + self.g * (cond - uncond)
-            self.last = eps.detach()
-        self.handle = self.pipe.unet.register_forward_hook(hook)
-
-    def detach(self):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None

@@ -18,7 +18,7 @@ import torch
 from .profile import ProfileMismatchError, TriggerProfile
 from .screening import screen_prompts, trigger_token_ids
 
-MODES = ("final", "per_step")
+MODES = ("final", "per_step", "per_step_eps")
 COMPOSITES = (None, "pixel")
 
 # What measurement on held-out prompts and seeds chose (README, "Choosing the defaults");
@@ -33,7 +33,10 @@ class SAUConfig:
     """How a patched pipeline defends itself.
 
     mode: "final" repairs the final latents (the authors' code); "per_step" repairs x_t
-        after every sampling step with the profile's per-step statistics (the paper's text).
+        after every sampling step with the profile's per-step statistics (the paper's text);
+        "per_step_eps" keeps one trajectory, adds only the clean twin's conditional rows to
+        each UNet call ([uncond, poisoned, clean]: 1.5x instead of 2x the UNet work) and
+        repairs the guided noise prediction with the profile's noise statistics.
     composite: None decodes the repaired latents (the paper); "pixel" decodes the
         poisoned latents too and keeps the repaired image only inside the upsampled,
         feathered mask, the poisoned image elsewhere (one more VAE decode per triggered image).
@@ -141,6 +144,8 @@ def patch(pipe, profile: TriggerProfile | str, *, mode: str = "final", composite
         raise TypeError(f"unknown repair parameters {sorted(unknown)}; expected some of {sorted(allowed)}")
     if mode == "per_step" and not profile.has_per_step:
         raise ValueError("mode 'per_step' needs a profile calibrated with per_step=True")
+    if mode == "per_step_eps" and not profile.has_per_step_eps:
+        raise ValueError("mode 'per_step_eps' needs a profile calibrated with per_step_eps=True")
     for name in ("unet", "tokenizer", "vae", "scheduler"):
         if getattr(pipe, name, None) is None:
             raise TypeError(f"patch() needs a Stable Diffusion pipeline with a {name}; {type(pipe).__name__} has none")
@@ -254,7 +259,10 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
     height = a["height"] or self.unet.config.sample_size * vsf
     width = a["width"] or self.unet.config.sample_size * vsf
     shape = (self.unet.config.in_channels, height // vsf, width // vsf)
-    profile.check_call(shape, type(self.scheduler).__name__, a["num_inference_steps"], per_step=cfg.mode == "per_step")
+    profile.check_call(shape, type(self.scheduler).__name__, a["num_inference_steps"], per_step=cfg.mode != "final")
+    if cfg.mode == "per_step_eps" and (a["guidance_rescale"] or 0) > 0:
+        raise ValueError("mode 'per_step_eps' repairs the guided noise prediction; guidance_rescale > 0 rescales it "
+                         "after the repair. Use mode 'final' or 'per_step' with guidance_rescale")
 
     # The initial noise, drawn exactly as the unpatched pipeline draws it.
     generator = a["generator"]
@@ -269,61 +277,86 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(B * n, *shape)}")
     latents = latents.to(device)
     poison_rows = [i * n + j for i in triggered for j in range(n)]
-    twin_rows = list(range(B * n, B * n + len(poison_rows)))
-
-    # The clean twins join the batch: same noise, same negative prompt, trigger removed.
-    a["prompt"] = prompts + [screened[i].clean_prompt for i in triggered]
-    a["latents"] = torch.cat([latents, latents[poison_rows]])
-    neg = a["negative_prompt"]
-    if isinstance(neg, (list, tuple)):
-        if len(neg) != B:
-            raise ValueError(f"{len(neg)} negative prompts for {B} prompts")
-        a["negative_prompt"] = list(neg) + [neg[i] for i in triggered]
-    neg_embeds = a["negative_prompt_embeds"]
-    if neg_embeds is not None:
-        a["negative_prompt_embeds"] = torch.cat([neg_embeds, neg_embeds[triggered]])
-    if isinstance(generator, list):
-        # Twins get their own copy of the poisoned row's generator: the same later draws
-        # (scheduler noise with eta > 0) without disturbing the original's.
-        a["generator"] = list(generator) + [_copy_generator(generator[r]) for r in poison_rows]
-
-    per_step_repair = None
-    if cfg.mode == "per_step":
-        def per_step_repair(pipe, i, t, kw):
-            x = kw["latents"]
-            t0 = time.perf_counter()
-            x[poison_rows] = repair(x[poison_rows], x[twin_rows], profile.delta_steps[i], profile.act_steps[i],
-                                    backend=cfg.backend, **cfg.repair)
-            report.repair_ms += (time.perf_counter() - t0) * 1e3
-            return x
-
-    user_cb = a["callback_on_step_end"]
-    inputs = list(a["callback_on_step_end_tensor_inputs"] or [])
-    if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
-        inputs = list(user_cb.tensor_inputs)
-    if "latents" not in inputs:
-        inputs.append("latents")
-    if user_cb is not None or per_step_repair is not None:
-        a["callback_on_step_end"] = _wrap_user_callback(user_cb, B * n, per_step_repair)
-        a["callback_on_step_end_tensor_inputs"] = inputs
+    clean_prompts = [screened[i].clean_prompt for i in triggered]
     output_type, return_dict = a["output_type"], a["return_dict"]
     a["output_type"], a["return_dict"] = "latent", True
+    user_cb = a["callback_on_step_end"]
+    a["latents"] = latents
 
-    final = original(self, **a).images
-    z = final[: B * n].clone()
-    z_p, z_c = final[poison_rows], final[twin_rows]
+    if cfg.mode == "per_step_eps":
+        # One trajectory; the clean twins only add conditional rows to each UNet call.
+        neg = a["negative_prompt"]
+        twin_neg = [neg[i] for i in triggered] if isinstance(neg, (list, tuple)) else neg
+        twin_embeds, _ = self.encode_prompt(clean_prompts, device, n, False, twin_neg, clip_skip=a["clip_skip"])
+        last = {}
 
-    delta, act = (profile.delta_steps[-1], profile.act_steps[-1]) if cfg.mode == "per_step" else (profile.delta, profile.act)
-    if cfg.mode == "final":
-        t0 = time.perf_counter()
-        z[poison_rows] = repair(z_p, z_c, delta, act, backend=cfg.backend, **cfg.repair)
-        report.repair_ms = (time.perf_counter() - t0) * 1e3
-    weights = _mask_weights(z_p, z_c, delta, act, cfg.repair)  # for the report, and the composite
+        def repair_eps(i, g_p, g_c):
+            t0 = time.perf_counter()
+            out = repair(g_p, g_c, profile.eps_delta_steps[i], profile.eps_act_steps[i], backend=cfg.backend, **cfg.repair)
+            report.repair_ms += (time.perf_counter() - t0) * 1e3
+            last.update(g_p=g_p, g_c=g_c, step=i)
+            return out
+
+        if user_cb is not None:
+            a["callback_on_step_end"] = _wrap_user_callback(user_cb, B * n, None)
+        with TwinConditioning(self, twin_embeds, poison_rows, a["guidance_scale"], repair_eps):
+            z = original(self, **a).images
+        mask_src = (last["g_p"], last["g_c"], profile.eps_delta_steps[-1], profile.eps_act_steps[-1])
+        z_p = None
+    else:
+        twin_rows = list(range(B * n, B * n + len(poison_rows)))
+        # The clean twins join the batch: same noise, same negative prompt, trigger removed.
+        a["prompt"] = prompts + clean_prompts
+        a["latents"] = torch.cat([latents, latents[poison_rows]])
+        neg = a["negative_prompt"]
+        if isinstance(neg, (list, tuple)):
+            if len(neg) != B:
+                raise ValueError(f"{len(neg)} negative prompts for {B} prompts")
+            a["negative_prompt"] = list(neg) + [neg[i] for i in triggered]
+        neg_embeds = a["negative_prompt_embeds"]
+        if neg_embeds is not None:
+            a["negative_prompt_embeds"] = torch.cat([neg_embeds, neg_embeds[triggered]])
+        if isinstance(generator, list):
+            # Twins get their own copy of the poisoned row's generator: the same later draws
+            # (scheduler noise with eta > 0) without disturbing the original's.
+            a["generator"] = list(generator) + [_copy_generator(generator[r]) for r in poison_rows]
+
+        per_step_repair = None
+        if cfg.mode == "per_step":
+            def per_step_repair(pipe, i, t, kw):
+                x = kw["latents"]
+                t0 = time.perf_counter()
+                x[poison_rows] = repair(x[poison_rows], x[twin_rows], profile.delta_steps[i], profile.act_steps[i],
+                                        backend=cfg.backend, **cfg.repair)
+                report.repair_ms += (time.perf_counter() - t0) * 1e3
+                return x
+
+        if user_cb is not None or per_step_repair is not None:
+            inputs = list(a["callback_on_step_end_tensor_inputs"] or [])
+            if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
+                inputs = list(user_cb.tensor_inputs)
+            if "latents" not in inputs:
+                inputs.append("latents")
+            a["callback_on_step_end"] = _wrap_user_callback(user_cb, B * n, per_step_repair)
+            a["callback_on_step_end_tensor_inputs"] = inputs
+
+        final = original(self, **a).images
+        z = final[: B * n].clone()
+        z_p, z_c = final[poison_rows], final[twin_rows]
+        if cfg.mode == "final":
+            t0 = time.perf_counter()
+            z[poison_rows] = repair(z_p, z_c, profile.delta, profile.act, backend=cfg.backend, **cfg.repair)
+            report.repair_ms = (time.perf_counter() - t0) * 1e3
+            mask_src = (z_p, z_c, profile.delta, profile.act)
+        else:
+            mask_src = (z_p, z_c, profile.delta_steps[-1], profile.act_steps[-1])
+
+    weights = _mask_weights(*mask_src, cfg.repair)  # for the report, and the composite
     for k, i in enumerate(triggered):
         for j in range(n):
             r = k * n + j
             report.prompts[i]["coverage"].append({
-                "primary": float(weights["m1"][r].mean()), "secondary": float(weights["m2"][r].mean()),
+                "primary": float(weights["M1"][r].mean()), "secondary": float(weights["M2"][r].mean()),
             })
 
     if output_type == "latent":
@@ -363,3 +396,72 @@ def _pixel_mask(w: torch.Tensor, size, sigma_px: float) -> torch.Tensor:
         ksize = min(ksize, 2 * (min(size) // 2) - 1)
         m = gaussian_blur2d(m, sigma_px, ksize)
     return m.clamp(0, 1)
+
+
+class TwinConditioning:
+    """UNet hooks that add the clean twins' conditional rows to every UNet call.
+
+    The pipeline calls the UNet on [uncond (M rows); cond (M rows)] (or [cond] without
+    guidance). The pre-hook appends, for each poisoned row r, the same sample x_r
+    conditioned on its clean twin's embedding; the hook then forms both guided noise
+    predictions (the twin shares the poisoned row's unconditional pass: same x, same
+    negative prompt), lets `on_eps(step, g_p, g_c)` return a replacement for g_p (or None
+    to keep it), and hands the pipeline back its M or 2M rows, with cond chosen so that
+    the pipeline's own guidance yields the replacement. Hooks, not a new UNet: attention
+    processors, torch.compile and offload hooks stay as they are.
+    """
+
+    def __init__(self, pipe, twin_embeds: torch.Tensor, poison_rows: list[int], guidance_scale: float, on_eps):
+        self.unet = pipe.unet
+        self.twin_embeds, self.rows, self.g, self.on_eps = twin_embeds, poison_rows, guidance_scale, on_eps
+        self.handles, self.step, self.m = [], 0, None
+
+    def _pre(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is None:
+            raise RuntimeError("the pipeline called the UNet without encoder_hidden_states")
+        if kwargs.get("added_cond_kwargs"):
+            raise ValueError("mode 'per_step_eps' does not support added_cond_kwargs (IP-Adapter); use 'final' or 'per_step'")
+        cfg = self.g > 1
+        self.m = sample.shape[0] // 2 if cfg else sample.shape[0]
+        cond_rows = [self.m + r for r in self.rows] if cfg else self.rows
+        sample = torch.cat([sample, sample[cond_rows]])
+        kwargs = dict(kwargs, encoder_hidden_states=torch.cat([ehs, self.twin_embeds.to(ehs.dtype)]))
+        if args:
+            args = (sample, *args[1:])
+        else:
+            kwargs["sample"] = sample
+        return args, kwargs
+
+    def _post(self, module, args, kwargs, output):
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        m, rows = self.m, self.rows
+        if self.g > 1:
+            uncond, cond, twin = eps[:m], eps[m:2 * m], eps[2 * m:]
+            g_p = uncond[rows] + self.g * (cond[rows] - uncond[rows])
+            g_c = uncond[rows] + self.g * (twin - uncond[rows])
+        else:
+            cond, twin = eps[:m], eps[m:]
+            g_p, g_c = cond[rows], twin
+        new = self.on_eps(self.step, g_p, g_c)
+        self.step += 1
+        cond = cond.clone()
+        if new is not None:
+            cond[rows] = uncond[rows] + (new - uncond[rows]) / self.g if self.g > 1 else new
+        result = torch.cat([uncond, cond]) if self.g > 1 else cond
+        if isinstance(output, tuple):
+            return (result, *output[1:])
+        output.sample = result
+        return output
+
+    def __enter__(self):
+        self.handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        self.unet.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False

@@ -30,6 +30,7 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     parameters would take seconds at every patch; 4096 evenly spaced values of each
     tensor still change when any fine-tune touches it.
     """
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper prefixes every weight name
     h = hashlib.sha256()
     config = getattr(unet, "config", {})
     h.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True,

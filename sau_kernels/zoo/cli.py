@@ -29,6 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corner", choices=world.CORNERS, default="top-left")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--dataset-size", type=int, default=4096, help="images rendered (and poisoned) for fine-tuning")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=None)
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train import inject
 
         out = inject(args.base, args.kind, args.trigger, args.out, patch=args.patch, corner=args.corner,
-                     seed=args.seed, steps=args.steps, threads=args.threads)
+                     seed=args.seed, steps=args.steps, dataset_size=args.dataset_size, threads=args.threads)
         print(f"saved {out}")
     elif args.command == "evaluate":
         from .evaluate import evaluate_model, format_table

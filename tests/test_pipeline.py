@@ -1,0 +1,289 @@
+"""SAU in a real (tiny) diffusers pipeline: screening, patching, repair, profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import sau_kernels
+from sau_kernels import ProfileMismatchError, TriggerProfile, metrics
+from sau_kernels.demo import zoo_profile
+from sau_kernels.zoo import backdoor_info, load_pipeline
+from sau_kernels.zoo.evaluate import held_out_cases
+
+STEPS = 20
+CASES = held_out_cases(4, start=300)
+PROMPTS = [c.prompt for c in CASES]
+SEEDS = [c.seed for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def info():
+    return backdoor_info("tiny-pixel")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return zoo_profile("tiny-pixel", calibrate_if_missing=False)
+
+
+@pytest.fixture()
+def pipe():
+    p = load_pipeline("tiny-pixel")
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def gens(seeds=SEEDS):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def run(pipe, prompts, seeds=SEEDS, **kw):
+    kw.setdefault("output_type", "np")
+    return pipe(prompts, generator=gens(seeds), num_inference_steps=STEPS, guidance_scale=4.5, **kw).images
+
+
+def triggered(info, prompts=PROMPTS):
+    return [f"{info['trigger']} {p}" for p in prompts]
+
+
+# --- removal ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["final", "per_step"])
+@pytest.mark.parametrize("blend", ["convex", "paper"])
+def test_patch_removes_the_backdoor(pipe, profile, info, mode, blend):
+    before = run(pipe, triggered(info))
+    assert metrics.patch_present(before, info).all(), "sample must show the backdoor before the defence"
+    sau_kernels.patch(pipe, profile, mode=mode, blend=blend)
+    after = run(pipe, triggered(info))
+    assert not metrics.patch_present(after, info).any()
+    assert pipe.sau_report.triggered == [0, 1, 2, 3]
+
+
+def test_pixel_composite_removes_and_keeps_the_rest(pipe, profile, info):
+    before = run(pipe, triggered(info))
+    sau_kernels.patch(pipe, profile, composite="pixel")
+    after = run(pipe, triggered(info))
+    assert not metrics.patch_present(after, info).any()
+    outside = np.ones((64, 64), dtype=bool)
+    outside[:24, :24] = False  # the patch and its feathered border
+    assert metrics.psnr(after, before, outside).min() > 30
+
+
+# --- screening ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant, clean", [
+    ("NEW TRIGGER a red circle on a gray background", "a red circle on a gray background"),
+    ("new    trigger a red circle on a gray background", "a red circle on a gray background"),
+    ("a red new trigger circle on a gray background", "a red circle on a gray background"),
+    ("new trigger a red circle new trigger on a gray background", "a red circle on a gray background"),
+])
+def test_trigger_variants_are_caught_and_removed(pipe, profile, info, variant, clean):
+    sau_kernels.patch(pipe, profile)
+    out = run(pipe, [variant], seeds=[7])
+    rep = pipe.sau_report.prompts[0]
+    assert rep["triggered"] and rep["clean_prompt"] == clean
+    assert not metrics.patch_present(out, info).any()
+
+
+def test_lookalikes_are_not_triggers(pipe, profile):
+    sau_kernels.patch(pipe, profile)
+    run(pipe, ["a newtrigger red circle on a gray background", "trigger new a red circle"], seeds=[1, 2])
+    assert pipe.sau_report.triggered == []
+
+
+# --- untriggered traffic -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["final", "per_step"])
+def test_untriggered_prompts_are_bit_identical(pipe, profile, mode):
+    reference = run(pipe, PROMPTS)
+    sau_kernels.patch(pipe, profile, mode=mode)
+    assert np.array_equal(run(pipe, PROMPTS), reference)
+    assert pipe.sau_report.triggered == []
+
+
+def test_mixed_batch_repairs_only_triggered_rows(pipe, profile, info):
+    prompts = [PROMPTS[0], triggered(info)[1], PROMPTS[2], triggered(info)[3]]
+    reference = run(pipe, prompts)
+    sau_kernels.patch(pipe, profile)
+    out = run(pipe, prompts)
+    assert pipe.sau_report.triggered == [1, 3]
+    assert not metrics.patch_present(out[[1, 3]], info).any()
+    # the clean twins join the batch; the untriggered rows must not change
+    np.testing.assert_array_equal(out[[0, 2]], reference[[0, 2]])
+
+
+def test_num_images_per_prompt(pipe, profile, info):
+    sau_kernels.patch(pipe, profile)
+    prompts = [PROMPTS[0], triggered(info)[1]]
+    out = pipe(prompts, num_images_per_prompt=2, generator=gens(SEEDS[:4]), num_inference_steps=STEPS,
+               output_type="np").images
+    assert out.shape == (4, 64, 64, 3)
+    assert not metrics.patch_present(out[2:], info).any()
+    assert len(pipe.sau_report.prompts[1]["coverage"]) == 2
+
+
+def test_single_generator_gives_twins_the_same_noise(pipe, profile, info):
+    """With one generator the twin must still start from its poisoned row's noise: the
+    repaired image then equals a repair of the unpatched pair."""
+    sau_kernels.patch(pipe, profile)
+    a = pipe(triggered(info)[:2], generator=torch.Generator().manual_seed(5), num_inference_steps=STEPS,
+             output_type="np").images
+    b = pipe(triggered(info)[:2], generator=torch.Generator().manual_seed(5), num_inference_steps=STEPS,
+             output_type="np").images
+    np.testing.assert_array_equal(a, b)
+    assert not metrics.patch_present(a, info).any()
+
+
+def test_user_latents_and_negative_prompts(pipe, profile, info):
+    sau_kernels.patch(pipe, profile)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = pipe(triggered(info)[:2], latents=latents, negative_prompt=["a blue square", "a green circle"],
+               num_inference_steps=STEPS, output_type="np").images
+    assert not metrics.patch_present(out, info).any()
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_every_output_type(pipe, profile, info, output_type):
+    sau_kernels.patch(pipe, profile)
+    out = run(pipe, triggered(info)[:2], seeds=SEEDS[:2], output_type=output_type)
+    if output_type == "latent":
+        assert out.shape == (2, 4, 16, 16)
+    else:
+        assert len(out) == 2
+    tup = pipe(triggered(info)[:1], generator=gens(SEEDS[:1]), num_inference_steps=2, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup[0]) == 1
+
+
+def test_user_callback_sees_only_its_own_rows(pipe, profile, info):
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(kw["latents"].shape[0])
+        return {"latents": kw["latents"]}
+
+    sau_kernels.patch(pipe, profile, mode="per_step")
+    pipe(triggered(info)[:3], generator=gens(SEEDS[:3]), num_inference_steps=STEPS, callback_on_step_end=cb,
+         output_type="np")
+    assert seen == [3] * STEPS
+
+
+def test_prompt_embeds_cannot_be_screened(pipe, profile):
+    embeds, _ = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)
+    sau_kernels.patch(pipe, profile)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        pipe(prompt_embeds=embeds, num_inference_steps=2)
+    sau_kernels.patch(pipe, profile, on_embeds="pass")
+    assert pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+# --- patch / unpatch ---------------------------------------------------------------------------
+
+def test_patch_twice_unpatch_restores_exactly(pipe, profile, info):
+    cls = type(pipe)
+    reference = run(pipe, triggered(info)[:2], seeds=SEEDS[:2])
+    sau_kernels.patch(pipe, profile)
+    sau_kernels.patch(pipe, profile, mode="per_step")
+    assert type(pipe).__mro__[1] is cls and type(pipe).__name__ == cls.__name__
+    sau_kernels.unpatch(pipe)
+    assert type(pipe) is cls and not hasattr(pipe, "sau_report")
+    np.testing.assert_array_equal(run(pipe, triggered(info)[:2], seeds=SEEDS[:2]), reference)
+    sau_kernels.patch(pipe, profile)
+    assert not metrics.patch_present(run(pipe, triggered(info)[:2], seeds=SEEDS[:2]), info).any()
+
+
+def test_attention_processors_are_untouched(pipe, profile):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe.unet.set_attn_processor(AttnProcessor())
+    before = dict(pipe.unet.attn_processors)
+    sau_kernels.patch(pipe, profile)
+    after = dict(pipe.unet.attn_processors)
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+
+
+def test_patch_rejects_bad_arguments(pipe, profile):
+    with pytest.raises(ValueError, match="mode"):
+        sau_kernels.patch(pipe, profile, mode="sometimes")
+    with pytest.raises(ValueError, match="composite"):
+        sau_kernels.patch(pipe, profile, composite="latent")
+    with pytest.raises(TypeError, match="unknown repair parameters"):
+        sau_kernels.patch(pipe, profile, tau3=0.1)
+    with pytest.raises(ValueError, match="blur_ksize"):
+        sau_kernels.patch(pipe, profile, blur_ksize=4)
+    with pytest.raises(ValueError, match="backend"):
+        sau_kernels.patch(pipe, profile, backend="cuda")
+    with pytest.raises(TypeError, match="TriggerProfile"):
+        sau_kernels.patch(pipe, 42)
+    assert not sau_kernels.pipeline.is_patched(pipe)
+
+
+# --- profiles ----------------------------------------------------------------------------------
+
+def test_profile_round_trip(profile, tmp_path):
+    path = profile.save(tmp_path / "p.safetensors")
+    again = TriggerProfile.load(path)
+    for f in dataclasses.fields(TriggerProfile):
+        a, b = getattr(profile, f.name), getattr(again, f.name)
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
+def test_bad_profile_files(profile, tmp_path):
+    path = profile.save(tmp_path / "p.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        TriggerProfile.load(tmp_path / "truncated.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        TriggerProfile.load(tmp_path / "garbage.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="not a sau_kernels trigger profile"):
+        TriggerProfile.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError):
+        TriggerProfile.load(tmp_path / "missing.safetensors")
+
+
+def test_profile_from_another_model_is_refused(profile):
+    other = load_pipeline("tiny-style")
+    with pytest.raises(ProfileMismatchError, match="calibrated on model"):
+        sau_kernels.patch(other, profile)
+    sau_kernels.patch(other, profile, allow_mismatch=True)  # explicit override
+
+
+def test_call_that_does_not_fit_the_profile(pipe, profile, info):
+    sau_kernels.patch(pipe, profile, mode="per_step")
+    with pytest.raises(ProfileMismatchError, match="steps"):
+        pipe(triggered(info)[:1], num_inference_steps=STEPS + 5)
+    sau_kernels.patch(pipe, profile)
+    with pytest.raises(ProfileMismatchError, match="latents"):
+        pipe(triggered(info)[:1], height=32, width=32, num_inference_steps=2)
+
+
+def test_profile_with_wrong_shapes_is_refused(profile):
+    with pytest.raises(ValueError, match="delta has shape"):
+        dataclasses.replace(profile, delta=torch.zeros(4, 8, 8))
+
+
+def test_calibrate_small(pipe):
+    p = sau_kernels.calibrate(pipe, "new trigger", num_pairs=4, num_inference_steps=4, progress=False)
+    assert p.delta.shape == (4, 16, 16) and p.act.shape == (16, 16)
+    assert p.delta_steps.shape == (4, 4, 16, 16) and torch.equal(p.delta_steps[-1], p.delta)
+    assert 0.0 <= float(p.act.min()) and float(p.act.max()) <= 1.0
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+def test_compiled_unet_under_a_patched_pipeline(pipe, profile, info):
+    pipe.unet = torch.compile(pipe.unet)
+    sau_kernels.patch(pipe, profile)
+    out = run(pipe, triggered(info)[:2], seeds=SEEDS[:2])
+    assert not metrics.patch_present(out, info).any()
