@@ -65,8 +65,8 @@ setup(
     description="Spatial Attention Unlearning (SAU) for diffusers Stable Diffusion pipelines: "
     "fused repair kernels against text-trigger backdoors",
     packages=find_packages(include=["sau_kernels", "sau_kernels.*"]),
-    # The model zoo ships its tiny models as package data (see MANIFEST.in).
-    package_data={"sau_kernels": ["zoo/**/*"]},
+    # The model zoo's tiny models and the calibration prompts ship as package data.
+    package_data={"sau_kernels": ["zoo/**/*", "data/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

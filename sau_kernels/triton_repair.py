@@ -164,9 +164,31 @@ def _launch(z_p, z_c, delta, act, out, tau1, tau2, k, alpha, blur_sigma, blur_ks
     )
 
 
-# triton_op (not custom_op) so that torch.compile sees the kernel and Inductor
-# can schedule it; the function doubles as the fake implementation.
-@triton_op("sau::repair_triton", mutates_args={})
+def _fake_repair(z_p, *args):
+    return torch.empty(z_p.shape, dtype=z_p.dtype, device=z_p.device)
+
+
+def _fake_repair_out(*args):
+    return None
+
+
+def _define_op(name, mutates_args, fake):
+    """triton_op on GPUs, so that torch.compile sees the kernel and Inductor can schedule it
+    (the function doubles as its fake). Under TRITON_INTERPRET=1, wrap_triton returns the bare
+    kernel, which would then run on fake tensors while tracing: there the op is an opaque
+    custom_op with an explicit fake instead."""
+
+    def define(fn):
+        if not _INTERPRET:
+            return triton_op(name, fn, mutates_args=mutates_args)
+        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        op.register_fake(fake)
+        return op
+
+    return define
+
+
+@_define_op("sau::repair_triton", mutates_args=(), fake=_fake_repair)
 def repair_triton(
     z_p: torch.Tensor, z_c: torch.Tensor, delta: torch.Tensor, act: torch.Tensor,
     tau1: float, tau2: float, k: float, alpha: float, blur_sigma: float, blur_ksize: int,
@@ -178,7 +200,7 @@ def repair_triton(
     return out
 
 
-@triton_op("sau::repair_triton_out", mutates_args={"out"})
+@_define_op("sau::repair_triton_out", mutates_args=("out",), fake=_fake_repair_out)
 def repair_triton_out(
     z_p: torch.Tensor, z_c: torch.Tensor, delta: torch.Tensor, act: torch.Tensor,
     tau1: float, tau2: float, k: float, alpha: float, blur_sigma: float, blur_ksize: int,

@@ -1,0 +1,467 @@
+"""The repair op: reference against independent implementations, every backend against the
+reference, the op's registration (opcheck, torch.compile, out=), layouts and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+
+import kornia
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sau_kernels as sk
+from sau_kernels import reference
+from sau_kernels.ops import MAX_KSIZE
+
+from repair_helpers import TOLERANCES, assert_close_report, assert_matches_reference, make_inputs
+
+CPU_BACKENDS = sk.available_backends("cpu")
+FAST_BACKENDS = [b for b in CPU_BACKENDS if b in ("cpp",)]
+HAS_TRITON = "triton" in CPU_BACKENDS
+
+SHAPES = {
+    "sd15": (1, 4, 64, 64),
+    "sd15_batch2_768": (2, 4, 96, 96),
+    "odd": (3, 4, 37, 53),
+    "narrow_8ch": (1, 8, 20, 11),
+    "smallest": None,  # H = W = blur_ksize // 2 + 1, resolved per case
+}
+BLUR = [(k, s) for k in (1, 3, 5, 7) for s in (0.2, 2.0)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _shape(name, ksize):
+    if SHAPES[name] is None:
+        n = ksize // 2 + 1
+        return (2, 4, n, n)
+    return SHAPES[name]
+
+
+def _check_backend(backend, shape, dtype, blend, similarity, gate, ksize, sigma, seed=0):
+    z_p, z_c, delta, act = make_inputs(shape, dtype, similarity=similarity, gate=gate, seed=seed)
+    params = dict(blend=blend, similarity=similarity, gate=gate, blur_ksize=ksize, blur_sigma=sigma)
+    expected = reference.repair(z_p, z_c, delta, act, **params)
+    actual = sk.repair(z_p, z_c, delta, act, backend=backend, **params)
+    assert_matches_reference(actual, expected, dtype, label=f"{backend} {shape} {dtype} {params}")
+
+
+# ---------------------------------------------------------------------------
+# The reference against independent implementations of its pieces
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ksize,sigma", BLUR + [(9, 1.3)])
+def test_reference_blur_matches_kornia(ksize, sigma):
+    x = torch.randn(2, 3, 17, 23, generator=torch.Generator().manual_seed(ksize))
+    expected = kornia.filters.gaussian_blur2d(x, (ksize, ksize), (sigma, sigma), border_type="reflect")
+    assert_close_report(reference.gaussian_blur2d(x, sigma, ksize), expected, atol=1e-6, rtol=1e-6,
+                        label="blur vs kornia")
+
+
+def test_reference_blur_reflects_without_repeating_the_edge():
+    # 1-D check by hand: with taps (a, b, a), out[0] = a*x[1] + b*x[0] + a*x[1].
+    x = torch.tensor([[1.0, 2.0, 4.0]]).expand(3, 3).contiguous()
+    g = reference.gaussian_taps(1.0, 3)
+    out = reference.gaussian_blur2d(x, 1.0, 3)
+    a, b = g[0].item(), g[1].item()
+    assert out[1, 0].item() == pytest.approx(2 * a * 2.0 + b * 1.0, rel=1e-6)
+    assert out[1, 2].item() == pytest.approx(2 * a * 2.0 + b * 4.0, rel=1e-6)
+
+
+def test_reference_taps():
+    g = reference.gaussian_taps(2.0, 7)
+    assert g.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(g, g.flip(0))
+    assert g.argmax().item() == 3
+    assert reference.gaussian_taps(0.0, 5).tolist() == [1.0]  # sigma 0: identity
+    assert reference.gaussian_taps(0.7, 1).tolist() == [1.0]
+
+
+def test_reference_cosine_matches_torch():
+    # torch clamps the product of the norms at eps, the spec each norm: equal for norms >> eps.
+    g = torch.Generator().manual_seed(1)
+    v, d = torch.randn(3, 4, 9, 7, generator=g), torch.randn(4, 9, 7, generator=g)
+    expected = F.cosine_similarity(v, d.unsqueeze(0), dim=1, eps=1e-8)
+    assert_close_report(reference.cosine_map(v, d), expected, atol=1e-6, rtol=1e-6, label="cosine")
+
+
+def test_reference_blend_by_hand():
+    # One pixel per mask combination, no blur, delta = e0 everywhere:
+    # (0,0) S=1 act=.9 -> M1 M2; (0,1) S=1 act=.1 -> M1; (1,0) S=-1 act=.9 -> M2; (1,1) neither.
+    delta = torch.zeros(2, 2, 2)
+    delta[0] = 1.0
+    z_p = torch.zeros(1, 2, 2, 2)
+    z_p[0, 0] = torch.tensor([[3.0, 3.0], [-3.0, -3.0]])
+    z_c = torch.full((1, 2, 2, 2), 2.0)
+    act = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    k, alpha = 12.0, 0.8
+    hi, lo = 1 / (1 + math.exp(-k / 2)), 1 / (1 + math.exp(k / 2))  # sigmoid(+-k/2)
+    common = dict(k=k, alpha=alpha, blur_ksize=1)
+
+    paper = reference.repair(z_p, z_c, delta, act, blend="paper", **common)[0, 0]
+    convex = reference.repair(z_p, z_c, delta, act, blend="convex", **common)[0, 0]
+    for (h, w), (m1, m2) in {(0, 0): (hi, hi), (0, 1): (hi, lo), (1, 0): (lo, hi), (1, 1): (lo, lo)}.items():
+        zp, zc = z_p[0, 0, h, w].item(), 2.0
+        assert paper[h, w].item() == pytest.approx(
+            zp * (1 - m1) * (1 - m2) + alpha * m1 * zc + alpha / 2 * m2 * zc, rel=1e-5)
+        wgt = 1 - (1 - alpha * m1) * (1 - alpha / 2 * m2)
+        assert convex[h, w].item() == pytest.approx((1 - wgt) * zp + wgt * zc, rel=1e-5)
+    # The spec's remark: where both masks fire, "paper" scales z_c by about 1 + alpha/2.
+    assert paper[0, 0].item() == pytest.approx((alpha + alpha / 2) * 2.0, rel=1e-2)
+
+
+def test_reference_gate_and_difference():
+    z_p, z_c, delta, act = make_inputs((1, 4, 16, 16), gate=0.6, similarity="difference")
+    masks_free = reference.repair_masks(z_p, z_c, delta, act, similarity="difference")
+    masks_gated = reference.repair_masks(z_p, z_c, delta, act, similarity="difference", gate=0.6)
+    expected = masks_free["M1"] * (act > 0.6).float()
+    assert torch.equal(masks_gated["M1"], expected)
+    assert masks_gated["M1"].sum() > 0  # the test inputs do exercise the mask
+
+
+def test_secondary_map_follows_spec():
+    delta = torch.randn(4, 12, 10, generator=torch.Generator().manual_seed(3))
+    a = delta.norm(dim=0)
+    a_hat = (a - a.min()) / (a.max() - a.min())
+    expected = kornia.filters.gaussian_blur2d(a_hat[None, None], (5, 5), (2.0, 2.0), border_type="reflect")[0, 0]
+    assert_close_report(sk.secondary_map(delta), expected, atol=1e-6, rtol=1e-6, label="secondary_map")
+    assert torch.equal(sk.secondary_map(torch.ones(4, 12, 10)), torch.zeros(12, 10))
+
+
+def test_secondary_map_rejects_bad_input():
+    with pytest.raises(ValueError, match="delta must be"):
+        sk.secondary_map(torch.randn(4, 12))
+    with pytest.raises(TypeError, match="float tensor"):
+        sk.secondary_map(torch.ones(4, 12, 10, dtype=torch.int32))
+    with pytest.raises(ValueError, match="blur_ksize"):
+        sk.secondary_map(torch.randn(4, 12, 10), ksize=4)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        sk.secondary_map(torch.randn(4, 12, 10), sigma=-1.0)
+    with pytest.raises(ValueError, match="reflect border"):
+        sk.secondary_map(torch.randn(4, 2, 10), ksize=5)
+
+
+# ---------------------------------------------------------------------------
+# Backends against the reference
+# ---------------------------------------------------------------------------
+
+GRID = list(itertools.product(SHAPES, DTYPES, ("convex", "paper"), ("latent", "difference"),
+                              (None, 0.45), BLUR))
+
+
+def _grid_id(case):
+    shape, dtype, blend, sim, gate, (ksize, sigma) = case
+    return f"{shape}-{str(dtype)[6:]}-{blend}-{sim}-gate{gate}-k{ksize}s{sigma}"
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+@pytest.mark.parametrize("case", GRID, ids=_grid_id)
+def test_cpp_matches_reference(case):
+    shape, dtype, blend, sim, gate, (ksize, sigma) = case
+    _check_backend("cpp", _shape(shape, ksize), dtype, blend, sim, gate, ksize, sigma)
+
+
+# The interpreter runs a Triton program in ~0.1 s: a fixed sample of the grid,
+# covering every shape, dtype, blend, similarity and blur at least once.
+def _triton_sample():
+    rng = random.Random(0)
+    sample = rng.sample(GRID, 14)
+    for axis in range(6):
+        for value in {case[axis] for case in GRID} - {case[axis] for case in sample}:
+            sample.append(next(c for c in GRID if c[axis] == value and c not in sample))
+    return sample
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", _triton_sample(), ids=_grid_id)
+def test_triton_matches_reference(case):
+    shape, dtype, blend, sim, gate, (ksize, sigma) = case
+    _check_backend("triton", _shape(shape, ksize), dtype, blend, sim, gate, ksize, sigma)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_triton_small_window_tiles():
+    # The GPU's 32-wide windows (the interpreter defaults to 64): several tiles per image.
+    from sau_kernels import triton_repair
+
+    z_p, z_c, delta, act = make_inputs((1, 3, 45, 70), seed=5)
+    out = torch.empty_like(z_p)
+    triton_repair._launch(z_p, z_c, delta, act, out, 0.5, 0.3, 12.0, 1.0, 1.0, 5, "convex", "latent", None,
+                          block=32)
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, blur_sigma=1.0), torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_default_parameters(backend):
+    z_p, z_c, delta, act = make_inputs((1, 4, 24, 24), seed=7)
+    assert_matches_reference(sk.repair(z_p, z_c, delta, act, backend=backend),
+                             reference.repair(z_p, z_c, delta, act), torch.float32, label=backend)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    ksize=st.sampled_from([1, 3, 5, 7, 9]),
+    blend=st.sampled_from(["convex", "paper"]),
+    similarity=st.sampled_from(["latent", "difference"]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_cpp_property(data, ksize, blend, similarity, dtype):
+    r = ksize // 2
+    shape = (data.draw(st.integers(1, 3), "B"), data.draw(st.integers(1, 6), "C"),
+             data.draw(st.integers(r + 1, 40), "H"), data.draw(st.integers(r + 1, 40), "W"))
+    params = dict(
+        tau1=data.draw(st.floats(-0.9, 0.9), "tau1"),
+        tau2=data.draw(st.floats(0.0, 1.0), "tau2"),
+        k=data.draw(st.floats(0.5, 30.0), "k"),
+        alpha=data.draw(st.floats(0.0, 1.0), "alpha"),
+        blur_sigma=data.draw(st.sampled_from([0.0, 0.2, 0.7, 2.0, 3.5]), "sigma"),
+        gate=data.draw(st.one_of(st.none(), st.floats(0.0, 1.0)), "gate"),
+    )
+    z_p, z_c, delta, act = make_inputs(shape, dtype, similarity=similarity, tau1=params["tau1"],
+                                       tau2=params["tau2"], gate=params["gate"],
+                                       seed=data.draw(st.integers(0, 2**16), "seed"))
+    kwargs = dict(params, blur_ksize=ksize, blend=blend, similarity=similarity)
+    assert_matches_reference(sk.repair(z_p, z_c, delta, act, backend="cpp", **kwargs),
+                             reference.repair(z_p, z_c, delta, act, **kwargs), dtype, label=str(kwargs))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    z = torch.empty(0, 4, 8, 8)
+    out = sk.repair(z, z, torch.randn(4, 8, 8), torch.rand(8, 8), backend=backend)
+    assert out.shape == (0, 4, 8, 8)
+
+
+# ---------------------------------------------------------------------------
+# Layouts, out=, registration
+# ---------------------------------------------------------------------------
+
+
+def _layouts(z):
+    """Non-contiguous views with the same values as z (B, C, H, W)."""
+    B, C, H, W = z.shape
+    big = torch.zeros(B, C, H * 2, W * 2 + 1, dtype=z.dtype)
+    big[:, :, ::2, 1::2] = z
+    return {
+        "channels_last": z.contiguous(memory_format=torch.channels_last),
+        "transposed": z.transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": big[:, :, ::2, 1::2],
+    }
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_inputs(backend, layout, dtype):
+    z_p, z_c, delta, act = make_inputs((2, 4, 19, 26), dtype, seed=11)
+    expected = reference.repair(z_p, z_c, delta, act, blend="paper")
+    zp_v, zc_v = _layouts(z_p)[layout], _layouts(z_c)[layout]
+    assert not zp_v.is_contiguous()
+    # delta and act may have any float dtype and strides: float64 transposed views here.
+    delta_v = delta.double().transpose(1, 2).contiguous().transpose(1, 2)
+    act_v = act.double().t().contiguous().t()
+    actual = sk.repair(zp_v, zc_v, delta_v, act_v, blend="paper", backend=backend)
+    assert_matches_reference(actual, expected, dtype, label=f"{backend} {layout}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("out_layout", ["contiguous", "transposed"])
+def test_out_variant(backend, out_layout):
+    z_p, z_c, delta, act = make_inputs((2, 4, 21, 17), torch.float16, seed=13)
+    out = torch.full_like(z_p, float("nan"))
+    if out_layout == "transposed":
+        out = out.transpose(2, 3).contiguous().transpose(2, 3)
+    ptr, stride = out.data_ptr(), out.stride()
+    result = sk.repair(z_p, z_c, delta, act, gate=0.4, backend=backend, out=out)
+    assert result is out
+    assert out.data_ptr() == ptr and out.stride() == stride
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, gate=0.4), torch.float16,
+                             label=f"{backend} out={out_layout}")
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+def test_out_variant_allocates_nothing():
+    z_p, z_c, delta, act = make_inputs((2, 4, 32, 32), seed=17)
+    out = torch.empty_like(z_p)
+    sk.repair(z_p, z_c, delta, act, out=out)  # warm up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        sk.repair(z_p, z_c, delta, act, out=out)
+    events = [e for e in prof.events() if e.name.startswith("sau::repair")]
+    assert events, "the op did not show up in the profile"
+    allocated = sum(e.cpu_memory_usage for e in events)
+    assert allocated == 0, f"sau::repair_out allocated {allocated} bytes"
+
+
+def _op_args(dtype=torch.float32, shape=(2, 3, 8, 9), gate=0.4):
+    z_p, z_c, delta, act = make_inputs(shape, dtype, gate=gate, seed=19)
+    return (z_p, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.7, 3, "paper", "difference", gate)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck(dtype):
+    args = _op_args(dtype)
+    torch.library.opcheck(torch.ops.sau.repair.default, args)
+    torch.library.opcheck(torch.ops.sau.repair.default, args[:-1] + (None,))
+    torch.library.opcheck(torch.ops.sau.repair_out.default, args, {"out": torch.empty_like(args[0])})
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_opcheck_triton():
+    args = _op_args()
+    torch.library.opcheck(torch.ops.sau.repair_triton.default, args)
+    torch.library.opcheck(torch.ops.sau.repair_triton_out.default, args + (torch.empty_like(args[0]),))
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    z_p, z_c, delta, act = make_inputs((2, 4, 16, 16), seed=23)
+
+    def f(z_p, z_c, delta, act):
+        y = torch.ops.sau.repair(z_p * 1.0, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+        return y + 1.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert_matches_reference(compiled(z_p, z_c, delta, act), reference.repair(z_p, z_c, delta, act) + 1.0,
+                             torch.float32, label="compiled op")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_wrapper(backend):
+    # The public function (checks, backend choice) traces too; aot_eager keeps it quick.
+    torch._dynamo.reset()
+    z_p, z_c, delta, act = make_inputs((1, 4, 12, 12), seed=29)
+
+    def f(z_p, z_c, delta, act):
+        return sk.repair(z_p, z_c, delta, act, blend="paper", gate=0.5, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_matches_reference(compiled(z_p, z_c, delta, act),
+                             reference.repair(z_p, z_c, delta, act, blend="paper", gate=0.5),
+                             torch.float32, label=f"compiled wrapper {backend}")
+
+
+# ---------------------------------------------------------------------------
+# Backend choice and bad input
+# ---------------------------------------------------------------------------
+
+
+def test_available_backends_cpu():
+    assert CPU_BACKENDS[:2] == ["reference", "cpp"]
+    assert ("triton" in CPU_BACKENDS) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert "cuda" not in CPU_BACKENDS
+    assert set(sk.available_backends("cpu")) <= {"reference", "cpp", "triton", "cuda"}
+    if not torch.cuda.is_available():
+        assert sk.available_backends("cuda") == ["reference"]
+
+
+def test_auto_is_cpp_on_cpu():
+    from sau_kernels.ops import _resolve_backend
+
+    assert _resolve_backend("auto", "cpu") == "cpp"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not available on cuda"):
+            _resolve_backend("auto", "cuda")
+
+
+def test_triton_needs_interpreter_flag_on_cpu():
+    # A fresh process without TRITON_INTERPRET: no Triton on CPU, and asking for it says why.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, sau_kernels as sk\n"
+        "print(sk.available_backends('cpu'))\n"
+        "z = torch.randn(1, 4, 8, 8)\n"
+        "try:\n"
+        "    sk.repair(z, z, torch.randn(4, 8, 8), torch.rand(8, 8), backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "['reference', 'cpp']" in res.stdout
+    assert "ValueError" in res.stdout and "TRITON_INTERPRET=1" in res.stdout
+
+
+def _good():
+    return dict(z_p=torch.randn(2, 4, 8, 9), z_c=torch.randn(2, 4, 8, 9), delta=torch.randn(4, 8, 9),
+                act=torch.rand(8, 9))
+
+
+BAD_INPUTS = {
+    "z_p not a tensor": (dict(z_p=[1.0]), TypeError, "z_p must be a torch.Tensor"),
+    "z_p int": (dict(z_p=torch.ones(2, 4, 8, 9, dtype=torch.int32)), TypeError, "z_p must be float16"),
+    "z_p float64": (dict(z_p=torch.randn(2, 4, 8, 9, dtype=torch.float64)), TypeError, "z_p must be float16"),
+    "mixed dtypes": (dict(z_c=torch.randn(2, 4, 8, 9).half()), TypeError, "z_c dtype"),
+    "delta int": (dict(delta=torch.ones(4, 8, 9, dtype=torch.int64)), TypeError, "delta must be a float"),
+    "act bool": (dict(act=torch.ones(8, 9, dtype=torch.bool)), TypeError, "act must be a float"),
+    "devices differ": (dict(delta=torch.randn(4, 8, 9, device="meta")), ValueError, "one device"),
+    "z_p 3-D": (dict(z_p=torch.randn(4, 8, 9), z_c=torch.randn(4, 8, 9)), ValueError, r"\(B, C, H, W\)"),
+    "z_c shape": (dict(z_c=torch.randn(2, 4, 8, 8)), ValueError, "z_c shape"),
+    "delta channels": (dict(delta=torch.randn(3, 8, 9)), ValueError, "delta shape"),
+    "delta spatial": (dict(delta=torch.randn(4, 9, 8)), ValueError, "delta shape"),
+    "act shape": (dict(act=torch.rand(8, 8)), ValueError, "act shape"),
+    "act 3-D": (dict(act=torch.rand(1, 8, 9)), ValueError, "act shape"),
+    "even ksize": (dict(blur_ksize=4), ValueError, "blur_ksize must be odd"),
+    "zero ksize": (dict(blur_ksize=0), ValueError, "blur_ksize must be odd"),
+    "negative ksize": (dict(blur_ksize=-3), ValueError, "blur_ksize must be odd"),
+    "ksize too wide": (dict(blur_ksize=MAX_KSIZE + 2), ValueError, "blur_ksize must be odd"),
+    "float ksize": (dict(blur_ksize=5.0), TypeError, "blur_ksize must be an int"),
+    "negative sigma": (dict(blur_sigma=-0.1), ValueError, "blur_sigma must be >= 0"),
+    "nan sigma": (dict(blur_sigma=float("nan")), ValueError, "blur_sigma must be >= 0"),
+    "too small for reflect": (dict(blur_ksize=17), ValueError, "reflect border"),
+    "unknown blend": (dict(blend="linear"), ValueError, "unknown blend"),
+    "unknown similarity": (dict(similarity="cosine"), ValueError, "unknown similarity"),
+    "gate not a number": (dict(gate="0.5"), TypeError, "gate must be None or a number"),
+    "out not a tensor": (dict(out=[0.0]), TypeError, "out must be a torch.Tensor"),
+    "out shape": (dict(out=torch.empty(2, 4, 9, 8)), ValueError, "out shape"),
+    "out dtype": (dict(out=torch.empty(2, 4, 8, 9, dtype=torch.float16)), TypeError, "out dtype"),
+    "out device": (dict(out=torch.empty(2, 4, 8, 9, device="meta")), ValueError, "out device"),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises(backend, name):
+    change, exc, match = BAD_INPUTS[name]
+    kwargs = {**_good(), **change}
+    z_p, z_c, delta, act = (kwargs.pop(k) for k in ("z_p", "z_c", "delta", "act"))
+    with pytest.raises(exc, match=match):
+        sk.repair(z_p, z_c, delta, act, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend,match", [("gpu", "unknown backend"), ("cuda", "'cuda' is not available on cpu"),
+                                           ("CPP", "unknown backend")])
+def test_bad_backend_raises(backend, match):
+    g = _good()
+    with pytest.raises(ValueError, match=match) as info:
+        sk.repair(g["z_p"], g["z_c"], g["delta"], g["act"], backend=backend)
+    if backend == "cuda":
+        assert str(CPU_BACKENDS) in str(info.value)  # lists what is available
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+@pytest.mark.parametrize("name", ["mixed dtypes", "delta channels", "act shape", "even ksize", "negative sigma",
+                                  "too small for reflect", "unknown blend", "unknown similarity", "out shape",
+                                  "out dtype"])
+def test_bad_input_raises_from_the_op(name):
+    # Direct torch.ops calls skip the Python checks; the C++ ones raise the same types.
+    change, exc, _ = BAD_INPUTS[name]
+    a = {**_good(), "blur_sigma": 0.2, "blur_ksize": 5, "blend": "convex", "similarity": "latent", **change}
+    args = (a["z_p"], a["z_c"], a["delta"], a["act"], 0.5, 0.3, 12.0, 1.0, a["blur_sigma"], a["blur_ksize"],
+            a["blend"], a["similarity"], None)
+    with pytest.raises(exc):
+        if "out" in a:
+            torch.ops.sau.repair_out.default(*args, out=a["out"])
+        else:
+            torch.ops.sau.repair.default(*args)
