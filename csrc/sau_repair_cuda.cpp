@@ -1,0 +1,72 @@
+// CUDA registration of sau::repair / sau::repair_out (built only with a CUDA
+// torch): checks, output allocation, then the raw-pointer launcher of
+// sau_repair_cuda.cu on the current stream. No sync, no allocation besides the
+// output (and a float copy of delta/act only if they are not already fp32
+// contiguous), so the out= variant can be captured in a CUDA graph.
+// c10/cuda headers rather than ATen/cuda/CUDAContext.h: those pull in cuSPARSE,
+// cuBLAS and cuSOLVER headers, which a minimal CUDA toolkit does not have.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sau_repair_torch.h"
+
+namespace sau {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return SAU_FLOAT32;
+    case at::kHalf:
+      return SAU_FLOAT16;
+    case at::kBFloat16:
+      return SAU_BFLOAT16;
+    default:
+      TORCH_CHECK_TYPE(false, "sau.repair: unsupported dtype ", t);
+  }
+  return -1;  // unreachable
+}
+
+void run_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
+              const at::Tensor& act, const RepairArgs& args, at::Tensor& out) {
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(z_p.device());
+  const at::Tensor d = delta.to(at::kFloat).contiguous();
+  const at::Tensor a = act.to(at::kFloat).contiguous();
+  const SauRepairParams p = make_params(z_p, z_c, out, args);
+  const int err = sau_repair_cuda_launch(
+      dtype_code(z_p.scalar_type()), z_p.const_data_ptr(), z_c.const_data_ptr(),
+      d.const_data_ptr<float>(), a.const_data_ptr<float>(), out.mutable_data_ptr(), p,
+      static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()));
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+at::Tensor repair_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
+                       const at::Tensor& act, double tau1, double tau2, double k, double alpha,
+                       double blur_sigma, int64_t blur_ksize, c10::string_view blend,
+                       c10::string_view similarity, std::optional<double> gate) {
+  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
+  check_inputs(z_p, z_c, delta, act, args, at::Tensor());
+  at::Tensor out = at::empty(z_p.sizes(), z_p.options());
+  run_cuda(z_p, z_c, delta, act, args, out);
+  return out;
+}
+
+void repair_out_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
+                     const at::Tensor& act, double tau1, double tau2, double k, double alpha,
+                     double blur_sigma, int64_t blur_ksize, c10::string_view blend,
+                     c10::string_view similarity, std::optional<double> gate, at::Tensor out) {
+  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
+  check_inputs(z_p, z_c, delta, act, args, out);
+  run_cuda(z_p, z_c, delta, act, args, out);
+}
+
+}  // namespace
+}  // namespace sau
+
+TORCH_LIBRARY_IMPL(sau, CUDA, m) {
+  m.impl("repair", &sau::repair_cuda);
+  m.impl("repair_out", &sau::repair_out_cuda);
+}

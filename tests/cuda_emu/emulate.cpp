@@ -1,0 +1,95 @@
+// Runs the CUDA kernel of csrc/sau_repair_cuda.cu on the CPU, so that its
+// indexing (windows, halos, reflection, strides, tiles at the image edge) is
+// tested where no GPU is: each CUDA thread is a std::thread, __syncthreads is a
+// std::barrier, and blocks run one after another (so one shared-memory buffer
+// serves them all). Only the kernel is compiled here; the launcher needs nvcc.
+// Built by tests/test_cuda_emulation.py with g++ -std=c++20 and CUDA's headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <barrier>
+#include <stdexcept>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace emu {
+thread_local uint3 thread_idx, block_idx;
+dim3 grid_dim;
+std::barrier<>* block_barrier = nullptr;
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define gridDim emu::grid_dim
+#define __syncthreads() emu::block_barrier->arrive_and_wait()
+#undef __shared__
+#define __shared__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+namespace {
+// The kernel's `extern __shared__ float smem[]` binds to this (same unnamed namespace).
+alignas(16) float smem[48 * 1024 / sizeof(float)];
+}  // namespace
+
+#define SAU_CUDA_EMULATION
+#include "../../csrc/sau_repair_cuda.cu"
+
+namespace {
+
+template <typename T>
+void run(const void* zp, const void* zc, const float* delta, const float* act, void* out,
+         const SauRepairParams& p) {
+  const dim3 grid = grid_for(p);
+  emu::grid_dim = grid;
+  const int nthreads = BLOCK_X * BLOCK_Y;
+  if (smem_bytes(p.radius) > sizeof(smem)) throw std::runtime_error("shared memory over 48 KiB");
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::barrier<> bar(nthreads);
+        emu::block_barrier = &bar;
+        std::vector<std::thread> threads;
+        threads.reserve(nthreads);
+        for (int t = 0; t < nthreads; ++t)
+          threads.emplace_back([&, t] {
+            emu::block_idx = make_uint3(x, y, z);
+            emu::thread_idx = make_uint3(t % BLOCK_X, t / BLOCK_X, 0);
+            sau_repair_kernel<T>(static_cast<const T*>(zp), static_cast<const T*>(zc), delta, act,
+                                 static_cast<T*>(out), p);
+          });
+        for (auto& th : threads) th.join();
+      }
+}
+
+}  // namespace
+
+// ctypes entry point: sizes, element strides (z_p, z_c, out: 4 each), parameters.
+extern "C" int sau_emu_repair(int dtype, const void* zp, const void* zc, const float* delta,
+                              const float* act, void* out, const int64_t* sizes,
+                              const int64_t* strides, float tau1, float tau2, float k, float alpha,
+                              float blur_sigma, int blur_ksize, int blend, int similarity,
+                              int has_gate, float gate) {
+  SauRepairParams p{};
+  p.B = sizes[0], p.C = sizes[1], p.H = sizes[2], p.W = sizes[3];
+  for (int d = 0; d < 4; ++d) {
+    p.zp_stride[d] = strides[d];
+    p.zc_stride[d] = strides[4 + d];
+    p.out_stride[d] = strides[8 + d];
+  }
+  sau_init_params(&p, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, has_gate,
+                  gate);
+  try {
+    switch (dtype) {
+      case SAU_FLOAT32: run<float>(zp, zc, delta, act, out, p); break;
+      case SAU_FLOAT16: run<__half>(zp, zc, delta, act, out, p); break;
+      case SAU_BFLOAT16: run<__nv_bfloat16>(zp, zc, delta, act, out, p); break;
+      default: return 1;
+    }
+  } catch (...) {
+    return 2;
+  }
+  return 0;
+}
