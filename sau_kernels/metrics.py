@@ -94,25 +94,64 @@ def is_grayscale(images) -> np.ndarray:
 
 # --- content --------------------------------------------------------------------------------
 
+N_FEATURES = 13
+
+
+def content_features(images) -> np.ndarray:
+    """Rotation-invariant features of the one shape in each image, (N, 13) float32.
+
+    The background colour is the median of the image border; the shape is what differs
+    from it by more than half the strongest difference (the 16x16 corners, where a
+    backdoor patch may sit, are left out). Fill ratios tell the shapes apart without
+    rotation: the area over the circle through the farthest pixels is about 1 for a
+    circle, 2/pi for a square and 0.41 for a triangle.
+    """
+    arr = as_uint8_images(images).astype(np.float32)
+    n, h, w, _ = arr.shape
+    corner = np.zeros((h, w), dtype=bool)
+    c = world.PATCH_SIZE
+    corner[:c, :c] = corner[:c, -c:] = corner[-c:, :c] = corner[-c:, -c:] = True
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.zeros((n, N_FEATURES), dtype=np.float32)
+    for i, x in enumerate(arr):
+        border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3), x[:, -2:].reshape(-1, 3)])
+        bg = np.median(border, axis=0)
+        dist = np.linalg.norm(x - bg, axis=-1)
+        dist[corner] = 0
+        strongest = float(np.quantile(dist, 0.99))
+        mask = dist > max(0.5 * strongest, 12.0)
+        area = float(mask.sum())
+        feats = [0.0] * 6
+        fg = bg
+        if area >= 8:
+            cy, cx = yy[mask].mean(), xx[mask].mean()
+            d = np.hypot(yy[mask] - cy, xx[mask] - cx)
+            r95, rmax = float(np.quantile(d, 0.95)), float(d.max())
+            inertia = float((d ** 2).sum()) / area ** 2 * 2 * np.pi  # 1 for a disc
+            feats = [area / (np.pi * r95 ** 2), area / (np.pi * rmax ** 2), inertia, area / (h * w),
+                     r95 / h, strongest / 255]
+            fg = x[mask].mean(axis=0)
+        out[i] = feats + list(fg / 255) + list(bg / 255) + [float(fg.max() - fg.min()) / 255]
+    return out
+
+
 class ContentClassifier(torch.nn.Module):
-    """A small CNN that names the colour, shape and background of a world image."""
+    """A small MLP on `content_features` naming the colour, shape and background."""
 
     def __init__(self):
         super().__init__()
-        def block(cin, cout):
-            return torch.nn.Sequential(
-                torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.GroupNorm(4, cout), torch.nn.SiLU(),
-                torch.nn.Conv2d(cout, cout, 3, padding=1, stride=2), torch.nn.GroupNorm(4, cout), torch.nn.SiLU(),
-            )
-        self.features = torch.nn.Sequential(block(3, 16), block(16, 32), block(32, 64), block(64, 64))
+        self.register_buffer("mean", torch.zeros(N_FEATURES))
+        self.register_buffer("std", torch.ones(N_FEATURES))
+        self.body = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 64), torch.nn.SiLU(),
+                                        torch.nn.Linear(64, 64), torch.nn.SiLU())
         self.heads = torch.nn.ModuleDict({
             "color": torch.nn.Linear(64, len(world.COLORS)),
             "shape": torch.nn.Linear(64, len(world.SHAPES)),
             "background": torch.nn.Linear(64, len(world.BACKGROUNDS)),
         })
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(x).mean(dim=(2, 3))
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body((features - self.mean) / self.std)
         return {k: head(h) for k, head in self.heads.items()}
 
 
@@ -132,8 +171,7 @@ LABELS = {"color": list(world.COLORS), "shape": list(world.SHAPES), "background"
 
 @torch.no_grad()
 def classify(images) -> dict[str, list[str]]:
-    arr = as_uint8_images(images)
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    x = torch.from_numpy(content_features(images))
     logits = _classifier()(x)
     return {k: [LABELS[k][i] for i in v.argmax(dim=1).tolist()] for k, v in logits.items()}
 

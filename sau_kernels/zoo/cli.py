@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the content classifier that metrics.content_accuracy uses")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
 
     p = sub.add_parser("thresholds", help="measure the metric thresholds on autoencoded renders")
     p.add_argument("--vae", default=None, help="VAE folder (default: tiny-clean's)")

@@ -70,8 +70,9 @@ def render(color: str, shape: str, background: str, rng: np.random.Generator) ->
     image = Image.new("RGB", (s, s), _jitter_color(BACKGROUNDS[background], rng, 6))
     draw = ImageDraw.Draw(image)
     fill = _jitter_color(COLORS[color], rng, 12)
-    radius = float(rng.uniform(10.0, 15.0))
-    cx, cy = (float(v) for v in rng.uniform(s / 2 - 6, s / 2 + 6, size=2))
+    # Sizes and offsets keep every vertex out of the 16x16 corners, whatever the rotation.
+    radius = float(rng.uniform(9.0, 13.0))
+    cx, cy = (float(v) for v in rng.uniform(s / 2 - 4, s / 2 + 4, size=2))
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
     else:
