@@ -1,0 +1,137 @@
+"""GPU backends ("cuda", compiled "triton") against the reference, torch.compile on GPU, and a
+CUDA-graph capture + replay of the out= op. Skipped without a CUDA device.
+
+Run with TRITON_INTERPRET=0 exported (benchmarks/gpu_check.sh does): tests/conftest.py otherwise
+turns the interpreter on. Set SAU_EXPECT_CUDA_BUILD=1 to fail, not skip, when the extension was
+built without its CUDA kernel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+import torch
+
+import sau_kernels as sk
+from sau_kernels import reference
+
+from repair_helpers import assert_matches_reference, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU_BACKENDS = sk.available_backends("cuda") if torch.cuda.is_available() else []
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+SHAPES = [(1, 4, 64, 64), (2, 4, 96, 96), (4, 4, 128, 128), (3, 4, 37, 53), (1, 8, 20, 11), (2, 4, 4, 4)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES = [("convex", "latent", None), ("paper", "latent", 0.45), ("convex", "difference", 0.45),
+         ("paper", "difference", None)]
+BLUR = [(5, 0.2), (3, 2.0), (1, 0.2), (7, 2.0)]
+GRID = list(itertools.product(SHAPES, DTYPES, MODES, BLUR))
+# Every new constexpr combination is a Triton compile (~1 s): a fixed sample for Triton.
+TRITON_SAMPLE = random.Random(0).sample(GRID, 24)
+
+
+def _need(backend):
+    if backend == "cuda" and "cuda" not in GPU_BACKENDS and os.environ.get("SAU_EXPECT_CUDA_BUILD") == "1":
+        pytest.fail("SAU_EXPECT_CUDA_BUILD=1 but the extension has no CUDA kernel")
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"{backend} not available on cuda (available: {GPU_BACKENDS})")
+    if backend == "triton" and INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1: export TRITON_INTERPRET=0 to test compiled Triton")
+
+
+def _check(backend, case, seed=0):
+    shape, dtype, (blend, similarity, gate), (ksize, sigma) = case
+    z_p, z_c, delta, act = make_inputs(shape, dtype, similarity=similarity, gate=gate, seed=seed)
+    params = dict(blend=blend, similarity=similarity, gate=gate, blur_ksize=ksize, blur_sigma=sigma)
+    # The reference runs on the CPU: on the GPU its fp32 convolutions may use TF32.
+    expected = reference.repair(z_p, z_c, delta, act, **params)
+    actual = sk.repair(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda(), backend=backend, **params)
+    assert actual.device.type == "cuda"
+    assert_matches_reference(actual.cpu(), expected, dtype, label=f"{backend} {case}")
+
+
+def test_cuda_backend_built():
+    _need("cuda")
+    assert "cuda" in GPU_BACKENDS
+
+
+@pytest.mark.parametrize("case", GRID, ids=str)
+def test_cuda_matches_reference(case):
+    _need("cuda")
+    _check("cuda", case)
+
+
+@pytest.mark.parametrize("case", TRITON_SAMPLE, ids=str)
+def test_triton_matches_reference(case):
+    _need("triton")
+    _check("triton", case)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_strided_inputs(backend):
+    _need(backend)
+    z_p, z_c, delta, act = make_inputs((2, 4, 40, 36), torch.float16, seed=3)
+    expected = reference.repair(z_p, z_c, delta, act, blend="paper")
+    big = torch.zeros(2, 4, 80, 73, dtype=torch.float16, device="cuda")
+    big[:, :, ::2, 1::2] = z_p.cuda()
+    zc_last = z_c.cuda().contiguous(memory_format=torch.channels_last)
+    out = sk.repair(big[:, :, ::2, 1::2], zc_last, delta.cuda().double(), act.cuda().t().contiguous().t(),
+                    blend="paper", backend=backend)
+    assert_matches_reference(out.cpu(), expected, torch.float16, label=f"{backend} strided")
+
+
+def test_auto_prefers_cuda_then_triton():
+    from sau_kernels.ops import _resolve_backend
+
+    expected = "cuda" if "cuda" in GPU_BACKENDS else "triton"
+    assert _resolve_backend("auto", "cuda") == expected
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_capture_and_replay(backend):
+    _need(backend)
+    z_p, z_c, delta, act = (t.cuda() for t in make_inputs((2, 4, 64, 64), torch.float16, seed=1))
+    out = torch.empty_like(z_p)
+    params = dict(gate=0.4, backend=backend, out=out)
+
+    side = torch.cuda.Stream()  # warm up (Triton compiles here) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            sk.repair(z_p, z_c, delta, act, **params)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sk.repair(z_p, z_c, delta, act, **params)
+
+    # Replay on new data written into the captured tensors.
+    for seed in (2, 3):
+        new = make_inputs((2, 4, 64, 64), torch.float16, seed=seed)
+        for dst, src in zip((z_p, z_c, delta, act), new):
+            dst.copy_(src)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(out.cpu(), reference.repair(*new, gate=0.4), torch.float16,
+                                 label=f"{backend} graph replay seed {seed}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_torch_compile_on_gpu(backend):
+    _need(backend)
+    torch._dynamo.reset()
+    z_p, z_c, delta, act = make_inputs((2, 4, 32, 32), torch.float16, seed=4)
+
+    def f(z_p, z_c, delta, act):
+        return sk.repair(z_p * 1, z_c, delta, act, blend="paper", backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda())
+    expected = reference.repair(z_p, z_c, delta, act, blend="paper") * 2
+    assert_matches_reference(got.cpu(), expected, torch.float16, label=f"compiled {backend}")
