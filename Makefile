@@ -1,0 +1,52 @@
+# sau_kernels: `make test` sets everything up on a fresh machine (venv, build, tests).
+PY      := .venv/bin/python
+STAMP   := .venv/.sau-installed
+NVCC    := $(shell command -v nvcc 2>/dev/null)
+CUDA_OBJ := /tmp/sau_repair_cuda_check.o
+
+.PHONY: venv test check-cuda demo bench bench-gpu gpu-wheels clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first and pinned: the CPU build lies on this disk, while a plain `torch`
+# would pull a multi-GB CUDA build. --no-build-isolation builds against that torch.
+# Rebuilt when setup.py or the C++ sources change; MAX_JOBS=1 keeps the build to one core.
+$(STAMP): setup.py $(wildcard csrc/*.h csrc/*.cpp)
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet torch==2.13.0 ninja
+	MAX_JOBS=1 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
+	touch $@
+
+test: venv check-cuda
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# The CUDA kernel must compile with plain nvcc (no torch headers); it cannot run here.
+check-cuda:
+ifneq ($(NVCC),)
+	$(NVCC) -c csrc/sau_repair_cuda.cu -gencode arch=compute_80,code=sm_80 \
+		-gencode arch=compute_90,code=sm_90 -o $(CUDA_OBJ)
+	@echo "check-cuda: csrc/sau_repair_cuda.cu compiles for sm_80 and sm_90"
+else
+	@echo "check-cuda: skipped (nvcc not found)"
+endif
+
+demo: venv
+	$(PY) -m sau_kernels demo
+
+# CPU benchmark of every provider; SAU_BENCH_THREADS=N pins torch's thread count.
+bench: venv
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/bench_repair.py --benchmark-columns=median,iqr,rounds
+
+# On a GPU machine (see benchmarks/gpu_check.sh for the full check).
+bench-gpu:
+	python3 benchmarks/bench_repair_gpu.py
+
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12).
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs kornia kornia_rs ninja
+
+clean:
+	rm -rf build *.egg-info sau_kernels/_C*.so $(STAMP)
