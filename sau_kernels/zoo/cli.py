@@ -17,7 +17,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=5000, help="denoiser training steps")
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--dataset-size", type=int, default=30000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 

@@ -66,9 +66,11 @@ def _vae_batch(rng: np.random.Generator, n: int) -> np.ndarray:
 def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float = 1e-3):
     """Train the shared autoencoder; returns it with `scaling_factor` set from the data."""
     final = out / "vae"
-    if (final / "config.json").exists():
-        from diffusers import AutoencoderKL
+    record = final / "training.json"
+    from diffusers import AutoencoderKL
 
+    done = json.loads(record.read_text())["steps"] if record.is_file() else None
+    if done is not None and done >= steps:
         return AutoencoderKL.from_pretrained(final)
     ckpt_path = out / "vae_ckpt.pt"
     _seed_everything(seed)
@@ -84,6 +86,14 @@ def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float 
         sched.load_state_dict(state["sched"])
         rng.bit_generator.state = state["rng"]
         start = state["step"]
+    elif done is not None:
+        # Asked for more steps than a finished VAE had: go on from its weights at its step
+        # of the longer schedule (the optimizer's moments start afresh).
+        vae = AutoencoderKL.from_pretrained(final)
+        for _ in range(done):
+            sched.step()
+        rng = np.random.default_rng(seed + done)
+        start = done
     last_save = time.time()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae", mininterval=5)
     for step in bar:
@@ -109,6 +119,7 @@ def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float 
     # SD's convention: latents * scaling_factor have unit variance
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(final)
+    record.write_text(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}) + "\n")
     ckpt_path.unlink(missing_ok=True)
     return vae
 
@@ -246,7 +257,7 @@ def save_pipeline(pipe, out: Path, meta: dict) -> None:
     (out / "backdoor.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int = 1500,
+def train_base(out: str | Path, seed: int = 0, steps: int = 5000, vae_steps: int = 1500,
                dataset_size: int = 30000, threads: int | None = None) -> Path:
     """Train tiny-clean from scratch into `out` (resumable: rerun the same command)."""
     if threads:
