@@ -41,12 +41,13 @@ bench: venv
 bench-gpu:
 	python3 benchmarks/bench_repair_gpu.py
 
-# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12).
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12):
+# pytest, hypothesis and kornia with their dependencies (torch excluded), and ninja for the build.
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs kornia kornia_rs ninja
+		-d .whl pytest pluggy iniconfig packaging pygments hypothesis sortedcontainers kornia kornia_rs numpy ninja
 
 clean:
 	rm -rf build *.egg-info sau_kernels/_C*.so $(STAMP)
