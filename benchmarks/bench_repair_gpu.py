@@ -51,7 +51,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_repair_gpu: no CUDA device")
         return 1
-    warmup, rep = (5, 20) if opts.quick else (25, 200)  # milliseconds, do_bench's units
+    warmup, rep = (5, 20) if opts.quick else (25, 100)  # milliseconds, do_bench's units
     # The spec's arithmetic is fp32: keep the eager reference's convolutions out of TF32.
     torch.backends.cudnn.allow_tf32 = False
     backends = [b for b in ("triton", "cuda") if b in sk.available_backends("cuda")]

@@ -8,7 +8,7 @@
 #   1. build sau_kernels._C with the CUDA kernel in place (sm_90)
 #   2. tests/test_gpu.py: cuda and compiled triton against the reference, CUDA graph replay
 #   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda, GB/s, copy and launch floors
-#   4. the CPU-side repair tests and the CUDA-kernel emulation test
+#   4. the other repair tests and the CUDA-kernel emulation test (the CPU grid is CI's)
 # Logs and the benchmark JSON go to $OUT when set (else benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ EOF
 nvcc --version | tail -n 2
 
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
-if ! step build 240 "$PY" setup.py build_ext --inplace; then
+if ! step build 150 "$PY" setup.py build_ext --inplace; then
   echo "build failed: nothing else to check"
   exit 1
 fi
@@ -63,17 +63,18 @@ have_pytest=0
 "$PY" -c "import pytest" 2>/dev/null && have_pytest=1
 
 if [ "$have_pytest" = 1 ]; then
-  step test_gpu 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step test_gpu 135 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 else
   echo "pytest not importable (carry it in .whl/): GPU tests skipped; the benchmark still checks outputs"
   status=1
 fi
 
-step bench_gpu 150 "$PY" benchmarks/bench_repair_gpu.py
+step bench_gpu 135 "$PY" benchmarks/bench_repair_gpu.py
 
 if [ "$have_pytest" = 1 ]; then
-  step test_cpu 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_repair.py tests/test_repair_property.py \
-    tests/test_cuda_emulation.py
+  # The CPU grid itself is CI's job; here the rest of the repair tests and the CUDA emulation.
+  step test_cpu 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_repair.py tests/test_cuda_emulation.py \
+    -k "not cpp_matches_reference"
 fi
 
 echo "=== gpu_check: $([ "$status" = 0 ] && echo PASS || echo FAIL); logs in $OUT_DIR"

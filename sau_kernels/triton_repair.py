@@ -22,6 +22,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_GRID_Z = 65535
 
 
 @triton.jit
@@ -151,17 +152,19 @@ def _launch(z_p, z_c, delta, act, out, tau1, tau2, k, alpha, blur_sigma, blur_ks
         block = 32 if radius <= 7 and not _INTERPRET else 64
     out_tile = block - 2 * radius
     cp, cc = blend_coeffs(k, alpha, blend)
-    grid = (triton.cdiv(W, out_tile), triton.cdiv(H, out_tile), B)
-    wrap_triton(_repair_kernel)[grid](
-        z_p, z_c, delta, act, out,
-        C, H, W,
-        *z_p.stride(), *z_c.stride(), *out.stride(),
-        tau1, tau2, 0.0 if gate is None else gate, blur_sigma if radius else 1.0,
-        *cp, *cc,
-        HAS_GATE=gate is not None, DIFFERENCE=similarity == "difference", RADIUS=radius,
-        BLOCK_H=block, BLOCK_W=block,
-        num_warps=4,
-    )
+    for b0 in range(0, B, _MAX_GRID_Z):  # the batch is grid axis 2, at most 65535 programs
+        zp, zc, o = z_p[b0:b0 + _MAX_GRID_Z], z_c[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
+        grid = (triton.cdiv(W, out_tile), triton.cdiv(H, out_tile), zp.shape[0])
+        wrap_triton(_repair_kernel)[grid](
+            zp, zc, delta, act, o,
+            C, H, W,
+            *zp.stride(), *zc.stride(), *o.stride(),
+            tau1, tau2, 0.0 if gate is None else gate, blur_sigma if radius else 1.0,
+            *cp, *cc,
+            HAS_GATE=gate is not None, DIFFERENCE=similarity == "difference", RADIUS=radius,
+            BLOCK_H=block, BLOCK_W=block,
+            num_warps=4,
+        )
 
 
 def _fake_repair(z_p, *args):
