@@ -39,6 +39,19 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def _follow_thread_file(run_dir: Path, step: int) -> None:
+    """Long CPU runs share the machine: writing a number to RUN_DIR/threads changes the
+    torch thread count of a running job (checked every 20 steps)."""
+    if step % 20:
+        return
+    try:
+        n = int((run_dir / "threads").read_text())
+    except (OSError, ValueError):
+        return
+    if n > 0 and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -97,6 +110,7 @@ def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float 
     last_save = time.time()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="vae", mininterval=5)
     for step in bar:
+        _follow_thread_file(out, step)
         x = _to_tensor(_vae_batch(rng, batch_size))
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.mode()).sample
@@ -202,6 +216,7 @@ def train_denoiser(run_dir: Path, tokenizer, text_encoder, unet, sample_batch, r
     t0 = time.time()
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc=desc, mininterval=5)
     for step in bar:
+        _follow_thread_file(run_dir, step)
         latents, captions = sample_batch(rng, recipe.batch_size)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
