@@ -38,12 +38,15 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompts", help="text file, one prompt a line (default: the package's list)")
             p.add_argument("--pairs", type=int, default=64)
             p.add_argument("--no-per-step", action="store_true", help="skip the per-step statistics")
+            p.add_argument("--per-step-eps", action="store_true",
+                           help="also the noise-prediction statistics of mode per_step_eps (1.5x more sampling)")
+            p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", required=True, help="profile file (.safetensors)")
         else:
             p.add_argument("--profile", required=True)
             p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--mode", choices=("final", "per_step"), default="final")
+            p.add_argument("--mode", choices=("final", "per_step", "per_step_eps"), default="final")
             p.add_argument("--composite", choices=("pixel",), default=None)
             p.add_argument("--allow-mismatch", action="store_true")
             p.add_argument("--out", required=True, help="image path; several prompts write NAME-0.png, NAME-1.png, ...")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             kw["num_inference_steps"] = args.steps
         if args.guidance_scale:
             kw["guidance_scale"] = args.guidance_scale
-        profile = calibrate(pipe, args.trigger, prompts, num_pairs=args.pairs, per_step=not args.no_per_step, **kw)
+        profile = calibrate(pipe, args.trigger, prompts, num_pairs=args.pairs, per_step=not args.no_per_step,
+                            per_step_eps=args.per_step_eps, seed=args.seed, **kw)
         profile.save(args.out)
         print(f"saved {profile} to {args.out}")
     elif args.command == "generate":

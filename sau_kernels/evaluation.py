@@ -55,7 +55,15 @@ PER_STEP_CONFIGS = [
     Config(mode="per_step", blend="paper"),
     Config(mode="per_step", blend="convex"),
     Config(mode="per_step", blend="convex", similarity="difference", gate=0.3),
+    Config(mode="per_step_eps", blend="paper"),
+    Config(mode="per_step_eps", blend="convex"),
+    Config(mode="per_step_eps", blend="convex", similarity="difference", gate=0.3),
 ]
+
+
+def _mode_available(profile, mode: str) -> bool:
+    return mode == "final" or (mode == "per_step" and profile.has_per_step) or (
+        mode == "per_step_eps" and profile.has_per_step_eps)
 
 
 def cases(n: int, split: str) -> tuple[list[str], list[int]]:
@@ -191,10 +199,10 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
             result.examples["similarity"] = _similarity(z_p, z_c, profile.delta, params)[:8].cpu()
 
     for cfg in per_step_configs:
-        if not profile.has_per_step:
-            break
+        if not _mode_available(profile, cfg.mode):
+            continue
         progress(f"[{model}] {cfg.label}")
-        patch(pipe, profile, mode="per_step", **cfg.repair_params())
+        patch(pipe, profile, mode=cfg.mode, **cfg.repair_params())
         images = _generate(pipe, [f"{profile.trigger} {p}" for p in prompts], seeds)
         unpatch(pipe)
         row = score(cfg, images, torch.zeros(1, 1, latent_size, latent_size, dtype=torch.bool))
@@ -228,8 +236,8 @@ def _untriggered_identical(pipe, profile, prompts, seeds) -> dict:
 
     reference = _generate(pipe, prompts, seeds)
     out = {}
-    for mode in ("final", "per_step"):
-        if mode == "per_step" and not profile.has_per_step:
+    for mode in ("final", "per_step", "per_step_eps"):
+        if not _mode_available(profile, mode):
             continue
         patch(pipe, profile, mode=mode)
         out[mode] = bool(np.array_equal(_generate(pipe, prompts, seeds), reference))
@@ -253,8 +261,8 @@ def _latency_ratios(pipe, profile, prompts, seeds, repeats: int) -> dict:
 
     base = timed()
     out = {}
-    for mode, composite in (("final", None), ("final", "pixel"), ("per_step", None)):
-        if mode == "per_step" and not profile.has_per_step:
+    for mode, composite in (("final", None), ("final", "pixel"), ("per_step", None), ("per_step_eps", None)):
+        if not _mode_available(profile, mode):
             continue
         patch(pipe, profile, mode=mode, composite=composite)
         out[(mode, composite)] = timed() / base
