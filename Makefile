@@ -47,7 +47,7 @@ gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl pytest pluggy iniconfig packaging pygments hypothesis sortedcontainers kornia kornia_rs numpy ninja
+		-d .whl pytest pluggy iniconfig packaging pygments hypothesis sortedcontainers kornia kornia_rs numpy ninja diffusers importlib_metadata zipp
 
 clean:
 	rm -rf build *.egg-info sau_kernels/_C*.so $(STAMP)

@@ -81,6 +81,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "kornia", "pytest-benchmark", "triton", "matplotlib"],
     },
+    entry_points={"console_scripts": ["sau-kernels = sau_kernels.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -9,6 +9,8 @@
 #   2. tests/test_gpu.py: cuda and compiled triton against the reference, CUDA graph replay
 #   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda, GB/s, copy and launch floors
 #   4. the other repair tests and the CUDA-kernel emulation test (the CPU grid is CI's)
+#   5. benchmarks/bench_pipeline.py --sd15: SAU's end-to-end cost on an SD 1.5-sized pipeline
+#      (random weights, 512 px, fp16, SDPA), eager; needs diffusers (carried in .whl/)
 # Logs and the benchmark JSON go to $OUT when set (else benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +77,14 @@ if [ "$have_pytest" = 1 ]; then
   # The CPU grid itself is CI's job; here the rest of the repair tests and the CUDA emulation.
   step test_cpu 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_repair.py tests/test_cuda_emulation.py \
     -k "not cpp_matches_reference"
+fi
+
+if "$PY" -c "import diffusers" 2>/dev/null; then
+  step bench_pipeline 150 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
+    --repeats 3 --requests 16 --modes final per_step per_step_eps --out "$OUT_DIR/pipeline-sd15-cuda.json"
+else
+  echo "diffusers not importable (carry it in .whl/): pipeline benchmark skipped"
+  status=1
 fi
 
 echo "=== gpu_check: $([ "$status" = 0 ] && echo PASS || echo FAIL); logs in $OUT_DIR"
