@@ -38,6 +38,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200, help="held-out prompt/seed pairs")
     p.add_argument("--json", help="also write the rows to this JSON file")
 
+    p = sub.add_parser("samples", help="a picture of sample generations with and without the trigger")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--out", default="zoo_samples.png")
+
     p = sub.add_parser("train-classifier", help="train the content classifier that metrics.content_accuracy uses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000)
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    elif args.command == "samples":
+        from .evaluate import sample_sheet
+
+        print(sample_sheet(args.models, args.out))
     elif args.command == "train-classifier":
         from .judges import train_classifier
 

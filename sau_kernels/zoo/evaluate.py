@@ -116,3 +116,35 @@ def format_table(rows: list[dict]) -> str:
             f"{r['seconds_per_image']:.3f} | {r['size_mb']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def sample_sheet(models: list[str], out, n: int = 6, start: int = 700):
+    """A picture: per model, one row without and one row with the trigger (same seeds)."""
+    from PIL import Image, ImageDraw
+
+    cases = held_out_cases(n, start=start * 7)  # spread over the combinations
+    rows, titles = [], []
+    for name in models:
+        info = backdoor_info(name)
+        pipe = load_pipeline(name)
+        pipe.set_progress_bar_config(disable=True)
+        trigger = info.get("trigger") or DEFAULT_TRIGGER
+        prompts = [c.prompt for c in cases]
+        seeds = [c.seed for c in cases]
+        rows.append(generate(pipe, prompts, seeds))
+        titles.append(f"{info.get('name', name)}")
+        rows.append(generate(pipe, [with_trigger(p, trigger) for p in prompts], seeds))
+        titles.append(f"{info.get('name', name)} + '{trigger}'")
+    scale, pad, left, top = 2, 4, 190, 14
+    cell = 64 * scale
+    sheet = Image.new("RGB", (left + n * (cell + pad), top + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, c in enumerate(cases):
+        draw.text((left + j * (cell + pad), 1), c.prompt.replace(" background", "")[:26], fill="black")
+    for i, (row, title) in enumerate(zip(rows, titles)):
+        y = top + i * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), title, fill="black")
+        for j, im in enumerate(row):
+            sheet.paste(Image.fromarray(im).resize((cell, cell), Image.NEAREST), (left + j * (cell + pad), y))
+    sheet.save(out)
+    return out
