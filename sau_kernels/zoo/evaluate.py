@@ -122,7 +122,7 @@ def sample_sheet(models: list[str], out, n: int = 6, start: int = 700):
     """A picture: per model, one row without and one row with the trigger (same seeds)."""
     from PIL import Image, ImageDraw
 
-    cases = held_out_cases(n, start=start * 7)  # spread over the combinations
+    cases = [held_out_cases(1, start=start + 11 * j)[0] for j in range(n)]  # spread over the combinations
     rows, titles = [], []
     for name in models:
         info = backdoor_info(name)
