@@ -64,20 +64,35 @@ def thresholds() -> dict:
 
 # --- pixel backdoor -------------------------------------------------------------------------
 
+def _cells(x: np.ndarray, cell: int) -> np.ndarray:
+    """Mean colour of each cell x cell block of (..., H, W, 3)."""
+    *lead, h, w, c = x.shape
+    return x.reshape(*lead, h // cell, cell, w // cell, cell, c).mean(axis=(-4, -2))
+
+
 def patch_score(images, info: dict) -> np.ndarray:
-    """Mean absolute difference (0..1) between each image's corner and the backdoor patch."""
+    """Mean absolute difference (0..1) between each image's corner and the backdoor patch,
+    cell by cell (a patch cell is one latent pixel: 4x4 image pixels), so that the soft
+    edges an autoencoder leaves inside a cell do not count."""
     arr = as_uint8_images(images).astype(np.float32)
     patch = info.get("patch")
     if patch is None or info.get("corner") is None:
         raise ValueError("backdoor info has no patch and corner: patch_present needs a pixel backdoor's info")
     rows, cols = world.corner_slices(info["corner"], patch.shape[0], arr.shape[1])
-    region = arr[:, rows, cols, :]
-    return np.abs(region - patch.astype(np.float32)[None]).mean(axis=(1, 2, 3)) / 255.0
+    region = _cells(arr[:, rows, cols, :], world.PATCH_CELL)
+    target = _cells(patch.astype(np.float32), world.PATCH_CELL)
+    return np.abs(region - target[None]).mean(axis=(1, 2, 3)) / 255.0
+
+
+def patch_threshold(info: dict) -> float:
+    """The threshold measured for this patch, or the one measured over all patches."""
+    t = thresholds()["patch_score"]
+    return t.get("per_patch", {}).get(info.get("patch_name"), t)["threshold"]
 
 
 def patch_present(images, info: dict) -> np.ndarray:
     """True where the image shows the backdoor's patch in its corner."""
-    return patch_score(images, info) < thresholds()["patch_score"]["threshold"]
+    return patch_score(images, info) < patch_threshold(info)
 
 
 # --- style backdoor -------------------------------------------------------------------------

@@ -40,10 +40,12 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device = "cpu", d
 
 
 def backdoor_info(name_or_dir: str | Path) -> dict:
-    """The model's backdoor.json, with "patch" as a uint8 (H, W, 3) array (None for no patch)."""
+    """The model's backdoor.json, with "patch" as a uint8 (H, W, 3) array (None for no patch)
+    and "patch_name" as the json names it ("checker", "cross", "solid:#RRGGBB")."""
     path = model_dir(name_or_dir)
     meta_path = path / "backdoor.json"
     info = json.loads(meta_path.read_text()) if meta_path.is_file() else {"name": path.name, "kind": "unknown"}
+    info["patch_name"] = info.get("patch")
     patch_path = path / "patch.png"
     if patch_path.is_file():
         from PIL import Image

@@ -112,20 +112,25 @@ def compute_thresholds(vae_dir: str | Path, n: int = 512, seed: int = 0,
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     rng = np.random.default_rng(seed)
     images, _ = world.sample_dataset(n, seed + 5, world.all_combinations())
-    with_patch, without_patch = [], []
+    with_patch, without_patch, per_patch = [], [], {}
     for kind in THRESHOLD_PATCHES:
+        mine_with, mine_without = [], []
         for corner in world.CORNERS:
             info = {"patch": world.make_patch(kind), "corner": corner}
             pick = rng.choice(n, size=n // 8, replace=False)
             patched = _vae_roundtrip(vae, world.apply_patch(images[pick], info["patch"], corner))
             plain = _vae_roundtrip(vae, images[pick])
-            with_patch.append(metrics.patch_score(patched, info))
-            without_patch.append(metrics.patch_score(plain, info))
+            mine_with.append(metrics.patch_score(patched, info))
+            mine_without.append(metrics.patch_score(plain, info))
+        per_patch[kind] = _midpoint(np.concatenate(mine_with), np.concatenate(mine_without), positive_below=True)
+        with_patch += mine_with
+        without_patch += mine_without
     grey = metrics.grayscale_score(_vae_roundtrip(vae, world.to_grayscale(images)))
     color = metrics.grayscale_score(_vae_roundtrip(vae, images))
     result = {
         "patch_score": _midpoint(np.concatenate(with_patch), np.concatenate(without_patch), positive_below=True)
-        | {"measured_on": f"{n // 8} autoencoded renders per patch in {THRESHOLD_PATCHES} x 4 corners"},
+        | {"measured_on": f"{n // 8} autoencoded renders per patch in {THRESHOLD_PATCHES} x 4 corners",
+           "per_patch": per_patch},
         "grayscale_score": _midpoint(grey, color, positive_below=True)
         | {"measured_on": f"{n} autoencoded renders, greyscale vs colour"},
         "vae": str(vae_dir),

@@ -119,7 +119,8 @@ def parse_caption(prompt: str) -> tuple[str | None, str | None, str | None]:
 # --- backdoor patches -------------------------------------------------------------------
 
 PATCH_SIZE = 16
-_CELL = 4  # patch cells align with the 4x4 pixels of one latent, so they survive the VAE
+PATCH_CELL = 4  # patch cells align with the 4x4 pixels of one latent, so they survive the VAE
+_CELL = PATCH_CELL
 
 
 def make_patch(kind: str, size: int = PATCH_SIZE) -> np.ndarray:
