@@ -153,11 +153,13 @@ def test_metrics_accept_every_diffusers_output_type():
         metrics.grayscale_score(np.zeros((2, 64, 64)))
 
 
-def test_thresholds_were_measured_and_separate():
+def test_thresholds_were_measured_and_separate_the_shipped_backdoors():
     t = json.loads(metrics.THRESHOLDS_FILE.read_text())
-    for key in ("patch_score", "grayscale_score"):
-        assert t[key]["separated"], key
-        assert t[key]["below_q99"] < t[key]["threshold"] < t[key]["above_q01"]
+    shipped = backdoor_info("tiny-pixel")["patch_name"]
+    for entry in (t["patch_score"]["per_patch"][shipped], t["grayscale_score"]):
+        assert entry["separated"]
+        assert entry["below_q99"] < entry["threshold"] < entry["above_q01"]
+    assert metrics.patch_threshold(backdoor_info("tiny-pixel")) == t["patch_score"]["per_patch"][shipped]["threshold"]
 
 
 # --- training CLIs, end to end in a few steps -------------------------------------------------
