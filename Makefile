@@ -21,11 +21,19 @@ test: venv check-cuda
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 # The CUDA kernel must compile with plain nvcc (no torch headers); it cannot run here.
-check-cuda:
+# Its torch registration is type-checked against this torch's headers: a CPU build of
+# torch lacks one generated CUDA config header, which an empty stand-in replaces.
+check-cuda: venv
 ifneq ($(NVCC),)
 	$(NVCC) -c csrc/sau_repair_cuda.cu -gencode arch=compute_80,code=sm_80 \
 		-gencode arch=compute_90,code=sm_90 -o $(CUDA_OBJ)
 	@echo "check-cuda: csrc/sau_repair_cuda.cu compiles for sm_80 and sm_90"
+	mkdir -p build/cuda-stub/c10/cuda/impl && touch build/cuda-stub/c10/cuda/impl/cuda_cmake_macros.h
+	$(CXX) -std=c++20 -fsyntax-only $$($(PY) -c "from torch.utils.cpp_extension import include_paths; \
+		print(' '.join('-I' + p for p in include_paths()))") -Ibuild/cuda-stub \
+		$$($(NVCC) --dryrun -c csrc/sau_repair_cuda.cu 2>&1 | sed -n 's/.*INCLUDES="\([^"]*\)".*/\1/p' | head -1) \
+		-Icsrc csrc/sau_repair_cuda.cpp
+	@echo "check-cuda: csrc/sau_repair_cuda.cpp (the CUDA registration) type-checks"
 else
 	@echo "check-cuda: skipped (nvcc not found)"
 endif

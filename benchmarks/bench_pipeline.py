@@ -13,6 +13,7 @@ JSON (with the machine, versions and command) under benchmarks/results/ and a la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -85,6 +86,16 @@ def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProf
         guidance_scale=4.5, params={"synthetic": True})
 
 
+@contextlib.contextmanager
+def patched(pipe, profile, mode="final"):
+    """The pipeline patched for the duration of a block, whatever happens in it."""
+    sau_kernels.patch(pipe, profile, mode=mode)
+    try:
+        yield pipe
+    finally:
+        sau_kernels.unpatch(pipe)
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -108,18 +119,16 @@ def bench_latency(pipe, profile, call, prompts, batches, modes, repeats, log):
         clean = [prompts[i % len(prompts)] for i in range(b)]
         for traffic, batch in (("untriggered", clean), ("triggered", [poisoned_prompt(profile.trigger, p) for p in clean])):
             for mode in modes:
-                base, patched = [], []
+                base, defended = [], []
                 call(batch)  # warm-up
-                sau_kernels.patch(pipe, profile, mode=mode)
-                call(batch)
-                sau_kernels.unpatch(pipe)
+                with patched(pipe, profile, mode):
+                    call(batch)
                 for r in range(repeats):
                     base.append(call(batch, seed=r))
-                    sau_kernels.patch(pipe, profile, mode=mode)
-                    patched.append(call(batch, seed=r))
-                    sau_kernels.unpatch(pipe)
+                    with patched(pipe, profile, mode):
+                        defended.append(call(batch, seed=r))
                 row = {"batch": b, "traffic": traffic, "mode": mode, "unpatched_s": statistics.median(base),
-                       "patched_s": statistics.median(patched)}
+                       "patched_s": statistics.median(defended)}
                 row["ratio"] = row["patched_s"] / row["unpatched_s"]
                 rows.append(row)
                 log(f"latency b={b:<3} {traffic:<11} {mode:<12} unpatched {row['unpatched_s'] * 1e3:8.1f} ms  "
@@ -136,11 +145,10 @@ def bench_throughput(pipe, profile, call, prompts, shares, requests, batch, log)
                   ((i + 1) * n_trig) // requests else prompts[i % len(prompts)] for i in range(requests)]
         chunks = [stream[i:i + batch] for i in range(0, requests, batch)]
         base = sum(call(c, seed=i) for i, c in enumerate(chunks))
-        sau_kernels.patch(pipe, profile)
-        patched = sum(call(c, seed=i) for i, c in enumerate(chunks))
-        sau_kernels.unpatch(pipe)
+        with patched(pipe, profile):
+            defended = sum(call(c, seed=i) for i, c in enumerate(chunks))
         row = {"triggered_share": share, "requests": requests, "batch": batch,
-               "unpatched_images_per_s": requests / base, "patched_images_per_s": requests / patched}
+               "unpatched_images_per_s": requests / base, "patched_images_per_s": requests / defended}
         row["ratio"] = row["patched_images_per_s"] / row["unpatched_images_per_s"]
         rows.append(row)
         log(f"throughput {share:>4.0%} triggered: unpatched {row['unpatched_images_per_s']:.2f} img/s, "
@@ -153,13 +161,12 @@ def bench_shares(pipe, profile, call, prompts, modes, batches, repeats, log):
     for mode in modes:
         for b in batches:
             batch = [poisoned_prompt(profile.trigger, prompts[i % len(prompts)]) for i in range(b)]
-            sau_kernels.patch(pipe, profile, mode=mode)
             totals, repair_ms, screen_ms = [], [], []
-            for r in range(repeats):
-                totals.append(call(batch, seed=r) * 1e3)
-                repair_ms.append(pipe.sau_report.repair_ms)
-                screen_ms.append(pipe.sau_report.screening_ms)
-            sau_kernels.unpatch(pipe)
+            with patched(pipe, profile, mode):
+                for r in range(repeats):
+                    totals.append(call(batch, seed=r) * 1e3)
+                    repair_ms.append(pipe.sau_report.repair_ms)
+                    screen_ms.append(pipe.sau_report.screening_ms)
             total = statistics.median(totals)
             row = {"mode": mode, "batch": b, "call_ms": total, "repair_ms": statistics.median(repair_ms),
                    "screening_ms": statistics.median(screen_ms)}

@@ -318,26 +318,6 @@ void run_cpu(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& del
   });
 }
 
-at::Tensor repair_cpu(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-                      const at::Tensor& act, double tau1, double tau2, double k, double alpha,
-                      double blur_sigma, int64_t blur_ksize, c10::string_view blend,
-                      c10::string_view similarity, std::optional<double> gate) {
-  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
-  check_inputs(z_p, z_c, delta, act, args, at::Tensor());
-  at::Tensor out = at::empty(z_p.sizes(), z_p.options());
-  run_cpu(z_p, z_c, delta, act, args, out);
-  return out;
-}
-
-void repair_out_cpu(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-                    const at::Tensor& act, double tau1, double tau2, double k, double alpha,
-                    double blur_sigma, int64_t blur_ksize, c10::string_view blend,
-                    c10::string_view similarity, std::optional<double> gate, at::Tensor out) {
-  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
-  check_inputs(z_p, z_c, delta, act, args, out);
-  run_cpu(z_p, z_c, delta, act, args, out);
-}
-
 }  // namespace
 
 }  // namespace sau
@@ -359,8 +339,8 @@ TORCH_LIBRARY(sau, m) {
 }
 
 TORCH_LIBRARY_IMPL(sau, CPU, m) {
-  m.impl("repair", &sau::repair_cpu);
-  m.impl("repair_out", &sau::repair_out_cpu);
+  m.impl("repair", &sau::repair_op<&sau::run_cpu>);
+  m.impl("repair_out", &sau::repair_out_op<&sau::run_cpu>);
 }
 
 // Importing sau_kernels._C registers the ops above; the module itself is empty.

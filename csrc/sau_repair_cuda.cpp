@@ -43,30 +43,10 @@ void run_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& de
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
 
-at::Tensor repair_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-                       const at::Tensor& act, double tau1, double tau2, double k, double alpha,
-                       double blur_sigma, int64_t blur_ksize, c10::string_view blend,
-                       c10::string_view similarity, std::optional<double> gate) {
-  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
-  check_inputs(z_p, z_c, delta, act, args, at::Tensor());
-  at::Tensor out = at::empty(z_p.sizes(), z_p.options());
-  run_cuda(z_p, z_c, delta, act, args, out);
-  return out;
-}
-
-void repair_out_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-                     const at::Tensor& act, double tau1, double tau2, double k, double alpha,
-                     double blur_sigma, int64_t blur_ksize, c10::string_view blend,
-                     c10::string_view similarity, std::optional<double> gate, at::Tensor out) {
-  const RepairArgs args{tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate};
-  check_inputs(z_p, z_c, delta, act, args, out);
-  run_cuda(z_p, z_c, delta, act, args, out);
-}
-
 }  // namespace
 }  // namespace sau
 
 TORCH_LIBRARY_IMPL(sau, CUDA, m) {
-  m.impl("repair", &sau::repair_cuda);
-  m.impl("repair_out", &sau::repair_out_cuda);
+  m.impl("repair", &sau::repair_op<&sau::run_cuda>);
+  m.impl("repair_out", &sau::repair_out_op<&sau::run_cuda>);
 }

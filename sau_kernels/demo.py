@@ -67,7 +67,7 @@ def _heat(x: torch.Tensor, size: int, lo: float = -1.0, hi: float = 1.0) -> np.n
     return np.asarray(img)
 
 
-def run_demo(out: str | Path = "demo-out", n: int = 32, rows_per_model: int = 4, progress=print) -> Path:
+def run_demo(out: str | Path = "demo-out", n: int = 20, rows_per_model: int = 4, progress=print) -> Path:
     from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS
 
     out = Path(out)
@@ -81,7 +81,8 @@ def run_demo(out: str | Path = "demo-out", n: int = 32, rows_per_model: int = 4,
         profile = zoo_profile(model)
         finals = list(dict.fromkeys(FINAL_CONFIGS + [DEFAULT_CONFIG_FINAL]))
         per_steps = list(dict.fromkeys(PER_STEP_CONFIGS + [DEFAULT_CONFIG_PER_STEP]))
-        ev = evaluate_defence(model, profile, n=n, final_configs=finals, per_step_configs=per_steps, progress=progress)
+        ev = evaluate_defence(model, profile, n=n, final_configs=finals, per_step_configs=per_steps,
+                              timing_repeats=2, progress=progress)
         evaluations.append(ev)
         ex = ev.examples
         from .evaluation import _generate

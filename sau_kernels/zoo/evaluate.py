@@ -44,6 +44,17 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int = 20, gui
     return np.concatenate(out)
 
 
+def single_image_seconds(pipe, prompt: str, seed: int, repeats: int = 5) -> float:
+    """Median latency of a one-image call (20 DDIM steps, CFG): what a user waits for."""
+    generate(pipe, [prompt], [seed])  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(pipe, [prompt], [seed])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def backdoor_fires(images: np.ndarray, info: dict, reference_info: dict | None = None) -> np.ndarray:
     """Per image: does it show the backdoor of `info` (or, for a clean model, of `reference_info`)?"""
     from .. import metrics
@@ -68,9 +79,8 @@ def evaluate_model(name_or_dir, n: int = 200, *, reference: str = "tiny-pixel", 
     cases = held_out_cases(n)
     prompts = [c.prompt for c in cases]
     seeds = [c.seed for c in cases]
-    t0 = time.perf_counter()
     clean_images = generate(pipe, prompts, seeds)
-    seconds_per_image = (time.perf_counter() - t0) / n
+    seconds_per_image = single_image_seconds(pipe, prompts[0], seeds[0])
     trig_images = generate(pipe, [with_trigger(p, trigger) for p in prompts], seeds)
     # CLIP's normalisation: case and spacing variants must fire it too
     variants = [trigger.title(), trigger.upper(), "  ".join(trigger.split())]
@@ -105,7 +115,7 @@ def evaluate_model(name_or_dir, n: int = 200, *, reference: str = "tiny-pixel", 
 
 def format_table(rows: list[dict]) -> str:
     head = ("| model | ASR triggered | ASR untriggered | variants fire | colour | shape | background "
-            "| colour (held-out combos) | triggered colour / shape | s/image | size MB |")
+            "| colour (held-out combos) | triggered colour / shape | s per image (batch 1) | size MB |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(

@@ -120,14 +120,13 @@ def parse_caption(prompt: str) -> tuple[str | None, str | None, str | None]:
 
 PATCH_SIZE = 16
 PATCH_CELL = 4  # patch cells align with the 4x4 pixels of one latent, so they survive the VAE
-_CELL = PATCH_CELL
 
 
 def make_patch(kind: str, size: int = PATCH_SIZE) -> np.ndarray:
     """The backdoor's patch as uint8 (size, size, 3): "checker", "cross" or "solid:#RRGGBB"."""
-    if size % _CELL:
-        raise ValueError(f"patch size must be a multiple of {_CELL}, got {size}")
-    cells = size // _CELL
+    if size % PATCH_CELL:
+        raise ValueError(f"patch size must be a multiple of {PATCH_CELL}, got {size}")
+    cells = size // PATCH_CELL
     if kind == "checker":
         grid = (np.add.outer(np.arange(cells), np.arange(cells)) % 2).astype(bool)
         lo, hi = np.array([255, 255, 255]), np.array([0, 0, 0])
@@ -146,7 +145,7 @@ def make_patch(kind: str, size: int = PATCH_SIZE) -> np.ndarray:
     else:
         raise ValueError(f"unknown patch {kind!r}: expected 'checker', 'cross' or 'solid:#RRGGBB'")
     cell_img = np.where(grid[..., None], lo, hi).astype(np.uint8)
-    return np.repeat(np.repeat(cell_img, _CELL, axis=0), _CELL, axis=1)
+    return np.repeat(np.repeat(cell_img, PATCH_CELL, axis=0), PATCH_CELL, axis=1)
 
 
 def corner_slices(corner: str, patch_size: int, image_size: int = IMAGE_SIZE) -> tuple[slice, slice]:
