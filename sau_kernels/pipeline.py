@@ -10,6 +10,7 @@ survive; `torch.compile(pipe.unet)` and model offload keep working).
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -38,14 +39,16 @@ class SAUConfig:
         each UNet call ([uncond, poisoned, clean]: 1.5x instead of 2x the UNet work) and
         repairs the guided noise prediction with the profile's noise statistics.
     composite: None decodes the repaired latents (the paper); "pixel" decodes the
-        poisoned latents too and keeps the repaired image only inside the upsampled,
-        feathered mask, the poisoned image elsewhere (one more VAE decode per triggered image).
+        poisoned latents too and keeps the repaired image only on the latent pixels the
+        repair changed (upsampled, feathered outwards), the poisoned image elsewhere (one
+        more VAE decode per triggered image).
     backend: the repair op's backend ("auto", "reference", "cpp", "triton", "cuda").
     on_embeds: "raise" (a call with prompt_embeds cannot be screened) or "pass" (let it
         through unscreened).
     repair: keyword arguments of `sau_kernels.repair` (tau1, tau2, k, alpha, blur_sigma,
         blur_ksize, blend, similarity, gate).
-    feather_sigma: Gaussian feathering of the pixel-space mask, in latent pixels.
+    feather_sigma: Gaussian feathering of the pixel-space mask beyond the repaired
+        latents, in latent pixels.
     """
 
     mode: str = "final"
@@ -386,16 +389,25 @@ def _mask_weights(z_p, z_c, delta, act, params: dict) -> dict[str, torch.Tensor]
     return repair_masks(z_p, z_c, delta, act, **{k: params[k] for k in keys if k in params})
 
 
+# A latent the repair changed has w >= ~0.5 (secondary mask) or ~1 (primary); an
+# untouched one sigmoid(-k/2) (0.0025 at k=12). Halfway between them splits the two.
+COMPOSITE_LEVEL = 0.25
+
+
 def _pixel_mask(w: torch.Tensor, size, sigma_px: float) -> torch.Tensor:
-    """Latent-resolution blend weight -> image resolution, feathered with a Gaussian."""
+    """Where the repaired image replaces the poisoned one, at image resolution: 1 on every
+    latent pixel the repair changed (a latent half-swapped for the clean twin decodes to a
+    clean pixel, not to a 50% mix of the poisoned one), fading out over `sigma_px` beyond
+    them, so no poisoned pixel inside the region leaks through the feathering."""
     from .reference import gaussian_blur2d
 
-    m = torch.nn.functional.interpolate(w.float(), size=tuple(size), mode="nearest")
-    if sigma_px > 0:
-        ksize = 2 * int(round(3 * sigma_px)) + 1
-        ksize = min(ksize, 2 * (min(size) // 2) - 1)
-        m = gaussian_blur2d(m, sigma_px, ksize)
-    return m.clamp(0, 1)
+    region = torch.nn.functional.interpolate((w.float() > COMPOSITE_LEVEL).float(), size=tuple(size), mode="nearest")
+    if sigma_px <= 0:
+        return region
+    ksize = min(2 * int(round(3 * sigma_px)) + 1, 2 * (min(size) // 2) - 1)
+    reach = int(math.ceil(2 * sigma_px))  # grown by 2 sigma first: the blur then stays ~1 inside
+    grown = torch.nn.functional.max_pool2d(region, 2 * reach + 1, stride=1, padding=reach)
+    return torch.maximum(region, gaussian_blur2d(grown, sigma_px, ksize)).clamp(0, 1)
 
 
 class TwinConditioning:

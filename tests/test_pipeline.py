@@ -73,6 +73,18 @@ def test_pixel_composite_removes_and_keeps_the_rest(pipe, profile, info):
     assert metrics.psnr(after, before, outside).min() > 30
 
 
+def test_composite_mask_covers_every_repaired_latent_and_fades_outside():
+    from sau_kernels.pipeline import _pixel_mask
+
+    w = torch.full((1, 1, 16, 16), 0.0025)  # untouched latents: sigmoid(-k/2)
+    w[0, 0, :4, :4] = 0.5  # secondary mask only: half swapped for the clean twin
+    w[0, 0, :2, :2] = 0.9975  # primary mask
+    m = _pixel_mask(w, (64, 64), 2.0)[0, 0]
+    assert (m[:16, :16] == 1).all()  # no poisoned pixel of the region leaks through
+    assert (m[:, 28:] == 0).all() and (m[28:, :] == 0).all()
+    assert 0 < m[8, 18] < 1  # feathered just outside
+
+
 # --- screening ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant, clean", [
