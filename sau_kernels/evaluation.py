@@ -160,6 +160,13 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
                              untriggered_content={k: float(v.mean()) for k, v in clean_content.items()})
     result.examples = {"prompts": prompts, "seeds": seeds, "poisoned": poisoned_img, "clean_prompt": clean_prompt_img}
 
+    # The row every configuration is measured against: the poisoned images, undefended.
+    poisoned_content = metrics.content_accuracy(poisoned_img, prompts)
+    result.rows.append({
+        "config": "no defence (poisoned)", "mode": None, "asr_before": asr_before, "removal": 1 - asr_before,
+        "psnr_outside": None, "false_positive": None, "color_acc": float(poisoned_content["color"].mean()),
+        "shape_acc": float(poisoned_content["shape"].mean()), "untriggered_identical": None, "latency_ratio": None,
+    })
     identical = _untriggered_identical(pipe, profile, prompts[:4], seeds[:4])
     latency = _latency_ratios(pipe, profile, prompts[:timing_batch], seeds[:timing_batch], timing_repeats)
 
@@ -278,6 +285,9 @@ def format_rows(ev: ModelEvaluation) -> str:
     def db(x):
         return "—" if x is None else f"{x:.1f}"
 
+    def yes_no(x):
+        return "—" if x is None else ("yes" if x else "no")
+
     lines = [
         f"**{ev.model}** ({ev.kind} backdoor), {ev.n} held-out triggered generations; ASR before defence "
         f"{ev.asr_before:.1%}; untriggered content accuracy colour {ev.untriggered_content['color']:.1%}, "
@@ -290,7 +300,7 @@ def format_rows(ev: ModelEvaluation) -> str:
     for r in ev.rows:
         lines.append(
             f"| {r['config']} | {pct(r['removal'])} | {pct(r['false_positive'])} | {db(r['psnr_outside'])} | "
-            f"{pct(r['color_acc'])} | {pct(r['shape_acc'])} | {'yes' if r['untriggered_identical'] else 'no'} | "
-            f"{r['latency_ratio']:.2f}x |"
+            f"{pct(r['color_acc'])} | {pct(r['shape_acc'])} | {yes_no(r['untriggered_identical'])} | "
+            f"{'—' if r['latency_ratio'] is None else format(r['latency_ratio'], '.2f') + 'x'} |"
         )
     return "\n".join(lines)
