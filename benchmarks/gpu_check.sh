@@ -4,13 +4,14 @@
 # It expects torch (CUDA build, e.g. 2.11+cu130), triton, nvcc and python3, and no network.
 # Anything else (pytest, hypothesis, kornia, ninja) may be carried as wheels in .whl/,
 # made on a networked machine with `make gpu-wheels`; they are installed into /tmp/site.
-# Steps (each under its own timeout, ~8 minutes in all):
+# Steps (each under its own timeout, ~10 minutes in all at worst):
 #   1. build sau_kernels._C with the CUDA kernel in place (sm_90)
 #   2. tests/test_gpu.py: cuda and compiled triton against the reference, CUDA graph replay
 #   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda, GB/s, copy and launch floors
 #   4. the other repair tests and the CUDA-kernel emulation test (the CPU grid is CI's)
 #   5. benchmarks/bench_pipeline.py --sd15: SAU's end-to-end cost on an SD 1.5-sized pipeline
-#      (random weights, 512 px, fp16, SDPA), eager; needs diffusers (carried in .whl/)
+#      (random weights, 512 px, fp16, SDPA), eager, then with torch.compile of the UNet;
+#      needs diffusers (carried in .whl/)
 # Logs and the benchmark JSON go to $OUT when set (else benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +22,17 @@ export OUT="$OUT_DIR"
 PY="${PYTHON:-python3}"
 status=0
 
+# GPU_CHECK_STEPS picks steps for a rerun that fits the time left (the build always runs),
+# e.g. GPU_CHECK_STEPS="bench_pipeline bench_pipeline_compile" bash benchmarks/gpu_check.sh
+STEPS="${GPU_CHECK_STEPS:-test_gpu bench_gpu test_cpu bench_pipeline bench_pipeline_compile}"
+
 step() {  # step NAME SECONDS CMD...: run with a timeout, log to $OUT_DIR/NAME.log, remember failures
   local name=$1 secs=$2
   shift 2
+  if [ "$name" != build ] && [[ " $STEPS " != *" $name "* ]]; then
+    echo "=== $name: not in GPU_CHECK_STEPS, skipped"
+    return 0
+  fi
   echo "=== $name (limit ${secs}s)"
   local t0=$SECONDS
   timeout "$secs" "$@" 2>&1 | tee "$OUT_DIR/$name.log" | tail -n 40
@@ -82,6 +91,9 @@ fi
 if "$PY" -c "import diffusers" 2>/dev/null; then
   step bench_pipeline 150 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
     --repeats 3 --requests 16 --modes final per_step per_step_eps --out "$OUT_DIR/pipeline-sd15-cuda.json"
+  # With torch.compile of the UNet the GPU is busier and the triggered ratio grows toward 2x.
+  step bench_pipeline_compile 150 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --compile --batches 1 \
+    --repeats 3 --requests 8 --modes final --out "$OUT_DIR/pipeline-sd15-cuda-compile.json"
 else
   echo "diffusers not importable (carry it in .whl/): pipeline benchmark skipped"
   status=1

@@ -253,29 +253,36 @@ def _untriggered_identical(pipe, profile, prompts, seeds) -> dict:
 
 
 def _latency_ratios(pipe, profile, prompts, seeds, repeats: int) -> dict:
-    """Median seconds of a triggered batch call, patched over unpatched, per (mode, composite)."""
+    """Median seconds of a triggered batch call, patched over unpatched, per (mode, composite).
+
+    Rounds interleave the unpatched call with every patched one, so a drift in the
+    machine's speed hits both sides of each ratio alike."""
     from . import patch, unpatch
 
     trig = [f"{profile.trigger} {p}" for p in prompts]
+    variants = [(mode, composite) for mode, composite in
+                (("final", None), ("final", "pixel"), ("per_step", None), ("per_step_eps", None))
+                if _mode_available(profile, mode)]
 
-    def timed():
-        _generate(pipe, trig, seeds)  # warm-up: the first call after a patch pays one-time costs
-        ts = []
-        for _ in range(repeats):
+    def timed(variant=None) -> float:
+        if variant is not None:
+            patch(pipe, profile, mode=variant[0], composite=variant[1])
+        try:
             t0 = time.perf_counter()
             _generate(pipe, trig, seeds)
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+            return time.perf_counter() - t0
+        finally:
+            if variant is not None:
+                unpatch(pipe)
 
-    base = timed()
-    out = {}
-    for mode, composite in (("final", None), ("final", "pixel"), ("per_step", None), ("per_step_eps", None)):
-        if not _mode_available(profile, mode):
-            continue
-        patch(pipe, profile, mode=mode, composite=composite)
-        out[(mode, composite)] = timed() / base
-        unpatch(pipe)
-    return out
+    for v in [None, *variants]:  # warm-up: the first call of each pays one-time costs
+        timed(v)
+    times = {v: [] for v in [None, *variants]}
+    for _ in range(repeats):
+        for v in times:
+            times[v].append(timed(v))
+    base = float(np.median(times[None]))
+    return {v: float(np.median(times[v])) / base for v in variants}
 
 
 def format_rows(ev: ModelEvaluation) -> str:
