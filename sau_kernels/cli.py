@@ -23,6 +23,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=200)
     p.add_argument("--split", choices=("report", "selection"), default="report",
                    help="'selection' is the split patch()'s defaults were chosen on")
+    p.add_argument("--modes", nargs="+", choices=("final", "per_step", "per_step_eps"),
+                   default=["final", "per_step", "per_step_eps"], help="the configurations' modes to score")
     p.add_argument("--out", default=None, help="write the table (markdown) and rows (json) with this path stem")
 
     for name, helptext in (("calibrate", "calibrate a trigger profile on a local diffusers SD folder"),
@@ -76,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.out, n=args.n)
     elif args.command == "evaluate":
         from .demo import zoo_profile
-        from .evaluation import evaluate_defence, format_rows
+        from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS, evaluate_defence, format_rows
 
         parts, rows = [], []
         for m in args.models:
-            ev = evaluate_defence(m, zoo_profile(m), n=args.n, split=args.split)
+            ev = evaluate_defence(m, zoo_profile(m), n=args.n, split=args.split,
+                                  final_configs=FINAL_CONFIGS if "final" in args.modes else [],
+                                  per_step_configs=[c for c in PER_STEP_CONFIGS if c.mode in args.modes])
             parts.append(format_rows(ev))
             rows.append({"model": ev.model, "n": ev.n, "split": args.split, "asr_before": ev.asr_before,
                          "untriggered_content": ev.untriggered_content, "rows": ev.rows})
