@@ -65,7 +65,7 @@ class SAUReport:
 
     prompts: list[dict] = field(default_factory=list)
     mode: str = "final"
-    screening_ms: float = 0.0
+    screening_ms: float = 0.0  # the wrapper's own time before the pipeline runs: binding, token scan
     repair_ms: float = 0.0
 
     @property
@@ -215,6 +215,7 @@ def _wrap_user_callback(user_cb, n_rows: int, extra):
 
 
 def _defended_call(self, *args, **kwargs):
+    t0 = time.perf_counter()  # screening_ms counts all the wrapper adds before the pipeline runs
     state: _State = self._sau_state
     original = state.original_class.__call__
     cfg = state.config
@@ -234,7 +235,6 @@ def _defended_call(self, *args, **kwargs):
                 "pass the prompt text, or patch(..., on_embeds='pass') to let such calls through unscreened")
         return original(self, **a)
 
-    t0 = time.perf_counter()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     screened = screen_prompts(self.tokenizer, prompts, state.trigger_ids)
     report.screening_ms = (time.perf_counter() - t0) * 1e3
