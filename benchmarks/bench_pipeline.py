@@ -215,6 +215,25 @@ def plot(rows, path: Path, title: str):
     fig.savefig(path, dpi=120)
 
 
+def markdown(result: dict) -> str:
+    """The three tables of a run, for the README."""
+    lines = ["| batch | traffic | mode | unpatched ms | patched ms | ratio (median of rounds) | ratio of fastest |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["latency"]:
+        lines.append(f"| {r['batch']} | {r['traffic']} | {r['mode']} | {r['unpatched_s'] * 1e3:.0f} | "
+                     f"{r['patched_s'] * 1e3:.0f} | {r['ratio']:.3f}x | {r['ratio_of_fastest']:.3f}x |")
+    lines += ["", "| triggered share | unpatched img/s | patched img/s | patched / unpatched |", "|---|---|---|---|"]
+    for r in result["throughput"]:
+        lines.append(f"| {r['triggered_share']:.0%} | {r['unpatched_images_per_s']:.2f} | "
+                     f"{r['patched_images_per_s']:.2f} | {r['ratio']:.3f} |")
+    lines += ["", "| mode | batch | triggered call ms | repair op ms (share) | screening ms (share) |",
+              "|---|---|---|---|---|"]
+    for r in result["time_shares"]:
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['call_ms']:.0f} | {r['repair_ms']:.3f} "
+                     f"({r['repair_share']:.3%}) | {r['screening_ms']:.3f} ({r['screening_share']:.3%}) |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
             "processor": platform.processor()}
@@ -250,7 +269,11 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--stream-batch", type=int, default=4)
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/pipeline-<tag>.json)")
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of a finished run and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return None
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, None: torch.float16 if args.sd15 else torch.float32}[args.dtype]
     if args.sd15:
