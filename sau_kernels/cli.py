@@ -16,7 +16,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="SAU on the zoo's backdoored models: demo-out/report.md, grid.png, masks.png")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("-n", type=int, default=20, help="triggered generations per model")
+    p.add_argument("-n", type=int, default=16, help="triggered generations per model")
 
     p = sub.add_parser("evaluate", help="the full defence table over the held-out sets")
     p.add_argument("--models", nargs="+", default=["tiny-pixel", "tiny-style"])

@@ -67,7 +67,7 @@ def _heat(x: torch.Tensor, size: int, lo: float = -1.0, hi: float = 1.0) -> np.n
     return np.asarray(img)
 
 
-def run_demo(out: str | Path = "demo-out", n: int = 20, rows_per_model: int = 4, progress=print) -> Path:
+def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4, progress=print) -> Path:
     from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS
 
     out = Path(out)
@@ -82,7 +82,7 @@ def run_demo(out: str | Path = "demo-out", n: int = 20, rows_per_model: int = 4,
         finals = list(dict.fromkeys(FINAL_CONFIGS + [DEFAULT_CONFIG_FINAL]))
         per_steps = list(dict.fromkeys(PER_STEP_CONFIGS + [DEFAULT_CONFIG_PER_STEP]))
         ev = evaluate_defence(model, profile, n=n, final_configs=finals, per_step_configs=per_steps,
-                              timing_repeats=2, progress=progress)
+                              timing_batch=4, timing_repeats=2, progress=progress)
         evaluations.append(ev)
         ex = ev.examples
         from .evaluation import _generate
@@ -108,7 +108,8 @@ def run_demo(out: str | Path = "demo-out", n: int = 20, rows_per_model: int = 4,
         "# SAU demo on the zoo's backdoored models",
         "",
         f"Held-out prompts and seeds (the 'report' split), {n} triggered generations per model, "
-        f"20 DDIM steps, CFG 4.5; `python -m sau_kernels demo` ran in {seconds:.0f} s. "
+        f"20 DDIM steps, CFG 4.5; latency: a triggered batch of 4, patched over unpatched, median of 2 "
+        f"interleaved rounds; `python -m sau_kernels demo` ran in {seconds:.0f} s. "
         f"Defaults of `patch()`: {DEFAULT_REPAIR}. FP = share of latent pixels outside the trigger region "
         "that the primary mask flags; PSNR against the poisoned image outside the trigger region "
         "(for the style backdoor the whole image is the region, so neither applies).",
