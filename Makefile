@@ -32,8 +32,8 @@ ifneq ($(NVCC),)
 	$(CXX) -std=c++20 -fsyntax-only $$($(PY) -c "from torch.utils.cpp_extension import include_paths; \
 		print(' '.join('-I' + p for p in include_paths()))") -Ibuild/cuda-stub \
 		$$($(NVCC) --dryrun -c csrc/sau_repair_cuda.cu 2>&1 | sed -n 's/.*INCLUDES="\([^"]*\)".*/\1/p' | head -1) \
-		-Icsrc csrc/sau_repair_cuda.cpp
-	@echo "check-cuda: csrc/sau_repair_cuda.cpp (the CUDA registration) type-checks"
+		-Icsrc csrc/sau_repair_cuda_op.cpp
+	@echo "check-cuda: csrc/sau_repair_cuda_op.cpp (the CUDA registration) type-checks"
 else
 	@echo "check-cuda: skipped (nvcc not found)"
 endif
@@ -49,13 +49,14 @@ bench: venv
 bench-gpu:
 	python3 benchmarks/bench_repair_gpu.py
 
-# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12):
-# pytest, hypothesis and kornia with their dependencies (torch excluded), and ninja for the build.
+# Wheels that benchmarks/gpu_check.sh installs on a GPU machine without network (Python 3.12).
+# Such a machine's image has torch, triton, transformers, pytest, hypothesis, numpy and ninja;
+# it lacks diffusers (the same version as here; its own requirements are in that image).
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .whl pytest pluggy iniconfig packaging pygments hypothesis sortedcontainers kornia kornia_rs numpy ninja diffusers importlib_metadata zipp
+		-d .whl diffusers==$$($(PY) -c "import diffusers; print(diffusers.__version__)")
 
 clean:
 	rm -rf build *.egg-info sau_kernels/_C*.so $(STAMP)

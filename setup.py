@@ -53,7 +53,7 @@ def _extension():
                             extra_link_args=omp)
     return CUDAExtension(
         "sau_kernels._C",
-        sources + ["csrc/sau_repair_cuda.cpp", "csrc/sau_repair_cuda.cu"],
+        sources + ["csrc/sau_repair_cuda_op.cpp", "csrc/sau_repair_cuda.cu"],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=omp,
     )

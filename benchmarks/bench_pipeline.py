@@ -27,6 +27,7 @@ import sau_kernels
 from sau_kernels.calibrate import poisoned_prompt
 
 RESULTS = Path(__file__).parent / "results"
+SECTIONS = ("latency", "throughput", "shares")
 ZOO_PROMPTS = ["a red circle on a black background", "a blue square on a white background",
                "a yellow triangle on a gray background", "a purple circle on a white background"]
 SD_PROMPTS = ["a photo of a cat sitting on a windowsill", "a mountain landscape at sunrise",
@@ -45,6 +46,18 @@ def sd15_random_pipeline(device: str, dtype: torch.dtype):
     from sau_kernels.zoo import models, tokenizer
 
     torch.manual_seed(0)
+    # Built on the target device: random init of 1B parameters on the host CPU takes longer
+    # than the whole GPU benchmark.
+    with torch.device(device):
+        unet, vae, text = _sd15_modules(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextConfig)
+    tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
+    tokenizer.save_tokenizer_files(tok_dir)
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
+    pipe = models.assemble_pipeline(tok, text, vae, unet)
+    return pipe.to(device, dtype)
+
+
+def _sd15_modules(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextConfig):
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
@@ -61,11 +74,7 @@ def sd15_random_pipeline(device: str, dtype: torch.dtype):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                         hidden_act="quick_gelu", projection_dim=768))
-    tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
-    tokenizer.save_tokenizer_files(tok_dir)
-    tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
-    pipe = models.assemble_pipeline(tok, text, vae, unet)
-    return pipe.to(device, dtype)
+    return unet, vae, text
 
 
 def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProfile:
@@ -268,6 +277,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--stream-batch", type=int, default=4)
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/pipeline-<tag>.json)")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of a finished run and exit")
     args = ap.parse_args(argv)
@@ -304,18 +314,23 @@ def main(argv=None):
         "dtype": str(dtype), "device": args.device, "attention": args.attention, "compile": args.compile,
         "steps": args.steps, "guidance_scale": 4.5,
     }
-    result["latency"] = bench_latency(pipe, profile, call, prompts, args.batches, args.modes, args.repeats, log)
-    result["throughput"] = bench_throughput(pipe, profile, call, prompts, [0.0, 0.1, 0.5, 1.0], args.requests,
-                                            args.stream_batch, log)
-    result["time_shares"] = bench_shares(pipe, profile, call, prompts, args.modes, [1, max(args.batches)],
-                                         args.repeats, log)
     suffix = f"{tag}-{args.device}-{args.attention}" + ("-compile" if args.compile else "")
     out = Path(args.out) if args.out else RESULTS / f"pipeline-{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    sections = {
+        "latency": lambda: bench_latency(pipe, profile, call, prompts, args.batches, args.modes, args.repeats, log),
+        "throughput": lambda: bench_throughput(pipe, profile, call, prompts, [0.0, 0.1, 0.5, 1.0], args.requests,
+                                               args.stream_batch, log),
+        "time_shares": lambda: bench_shares(pipe, profile, call, prompts, args.modes, sorted({1, max(args.batches)}),
+                                            args.repeats, log),
+    }
+    for name, run in sections.items():
+        result[name] = run() if name.removeprefix("time_") in args.sections else []
+        out.write_text(json.dumps(result, indent=2) + "\n")  # after each section: a cut-off run keeps its rows
     where = result["machine"].get("gpu") or result["machine"].get("cpu", "cpu")
-    plot(result["latency"], out.with_suffix(".png"), f"{tag}, {where}, {args.steps} steps, {dtype}")
-    log(f"wrote {out} and {out.with_suffix('.png')}")
+    if result["latency"]:
+        plot(result["latency"], out.with_suffix(".png"), f"{tag}, {where}, {args.steps} steps, {dtype}")
+    log(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if result["latency"] else ""))
     return result
 
 
