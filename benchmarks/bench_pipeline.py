@@ -232,12 +232,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['batch']} | {r['traffic']} | {r['mode']} | {r['unpatched_s'] * 1e3:.0f} | "
                      f"{r['patched_s'] * 1e3:.0f} | {r['ratio']:.3f}x | {r['ratio_of_fastest']:.3f}x |")
     lines += ["", "| triggered share | unpatched img/s | patched img/s | patched / unpatched |", "|---|---|---|---|"]
-    for r in result["throughput"]:
+    for r in result["throughput"] or []:
         lines.append(f"| {r['triggered_share']:.0%} | {r['unpatched_images_per_s']:.2f} | "
                      f"{r['patched_images_per_s']:.2f} | {r['ratio']:.3f} |")
     lines += ["", "| mode | batch | triggered call ms | repair op ms (share) | screening ms (share) |",
               "|---|---|---|---|---|"]
-    for r in result["time_shares"]:
+    for r in result["time_shares"] or []:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['call_ms']:.0f} | {r['repair_ms']:.3f} "
                      f"({r['repair_share']:.3%}) | {r['screening_ms']:.3f} ({r['screening_share']:.3%}) |")
     return "\n".join(lines)
