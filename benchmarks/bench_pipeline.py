@@ -13,7 +13,6 @@ JSON (with the machine, versions and command) under benchmarks/results/ and a la
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 import sau_kernels
+from sau_kernels import patched
 from sau_kernels.calibrate import poisoned_prompt
 
 RESULTS = Path(__file__).parent / "results"
@@ -95,16 +95,6 @@ def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProf
         guidance_scale=4.5, params={"synthetic": True})
 
 
-@contextlib.contextmanager
-def patched(pipe, profile, mode="final"):
-    """The pipeline patched for the duration of a block, whatever happens in it."""
-    sau_kernels.patch(pipe, profile, mode=mode)
-    try:
-        yield pipe
-    finally:
-        sau_kernels.unpatch(pipe)
-
-
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -134,12 +124,12 @@ def bench_latency(pipe, profile, call, prompts, batches, modes, repeats, log):
                                                       ("triggered", trig, modes, repeats)):
             for mode in traffic_modes:
                 call(batch)  # warm-up
-                with patched(pipe, profile, mode):
+                with patched(pipe, profile, mode=mode):
                     call(batch)
                 base, defended = [], []
                 for r in range(rounds):
                     base.append(call(batch, seed=r))
-                    with patched(pipe, profile, mode):
+                    with patched(pipe, profile, mode=mode):
                         defended.append(call(batch, seed=r))
                 row = {"batch": b, "traffic": traffic, "mode": mode if traffic == "triggered" else "any",
                        "rounds": rounds, "unpatched_s": statistics.median(base),
@@ -181,7 +171,7 @@ def bench_shares(pipe, profile, call, prompts, modes, batches, repeats, log):
         for b in batches:
             batch = [poisoned_prompt(profile.trigger, prompts[i % len(prompts)]) for i in range(b)]
             totals, repair_ms, screen_ms = [], [], []
-            with patched(pipe, profile, mode):
+            with patched(pipe, profile, mode=mode):
                 for r in range(repeats):
                     totals.append(call(batch, seed=r) * 1e3)
                     repair_ms.append(pipe.sau_report.repair_ms)

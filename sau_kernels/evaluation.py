@@ -9,6 +9,7 @@ the reported tables the "report" split.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -257,7 +258,7 @@ def _latency_ratios(pipe, profile, prompts, seeds, repeats: int) -> dict:
 
     Rounds interleave the unpatched call with every patched one, so a drift in the
     machine's speed hits both sides of each ratio alike."""
-    from . import patch, unpatch
+    from .pipeline import patched
 
     trig = [f"{profile.trigger} {p}" for p in prompts]
     variants = [(mode, composite) for mode, composite in
@@ -265,15 +266,12 @@ def _latency_ratios(pipe, profile, prompts, seeds, repeats: int) -> dict:
                 if _mode_available(profile, mode)]
 
     def timed(variant=None) -> float:
-        if variant is not None:
-            patch(pipe, profile, mode=variant[0], composite=variant[1])
-        try:
+        defence = contextlib.nullcontext() if variant is None else patched(pipe, profile, mode=variant[0],
+                                                                           composite=variant[1])
+        with defence:
             t0 = time.perf_counter()
             _generate(pipe, trig, seeds)
             return time.perf_counter() - t0
-        finally:
-            if variant is not None:
-                unpatch(pipe)
 
     for v in [None, *variants]:  # warm-up: the first call of each pays one-time costs
         timed(v)

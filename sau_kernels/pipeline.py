@@ -27,7 +27,7 @@ COMPOSITES = (None, "pixel")
 # the op's own defaults stay the paper's.
 DEFAULT_REPAIR = dict(similarity="difference", gate=0.3)
 
-__all__ = ["patch", "unpatch", "is_patched", "call_unpatched", "SAUConfig", "SAUReport"]
+__all__ = ["patch", "unpatch", "patched", "is_patched", "call_unpatched", "SAUConfig", "SAUReport"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,22 @@ def unpatch(pipe):
         if "sau_report" in pipe.__dict__:
             del pipe.sau_report
     return pipe
+
+
+@contextlib.contextmanager
+def patched(pipe, profile: TriggerProfile | str, **patch_kwargs):
+    """`patch(pipe, profile, **patch_kwargs)` for the duration of a `with` block. On exit,
+    whatever happened inside, the pipeline is back as it was: unpatched, or patched as
+    before the block."""
+    before = {k: pipe.__dict__[k] for k in ("_sau_state", "sau_report") if k in pipe.__dict__}
+    before_class = type(pipe)
+    patch(pipe, profile, **patch_kwargs)
+    try:
+        yield pipe
+    finally:
+        unpatch(pipe)
+        pipe.__dict__.update(before)
+        pipe.__class__ = before_class
 
 
 def _copy_generator(g: torch.Generator) -> torch.Generator:

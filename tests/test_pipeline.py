@@ -208,6 +208,20 @@ def test_patch_twice_unpatch_restores_exactly(pipe, profile, info):
     assert not metrics.patch_present(run(pipe, triggered(info)[:2], seeds=SEEDS[:2]), info).any()
 
 
+def test_patched_block_restores_the_state_before_it(pipe, profile, info):
+    cls = type(pipe)
+    with pytest.raises(RuntimeError, match="inside"):
+        with sau_kernels.patched(pipe, profile, mode="per_step") as p:
+            assert p is pipe and pipe._sau_state.config.mode == "per_step"
+            raise RuntimeError("inside")
+    assert type(pipe) is cls and not hasattr(pipe, "_sau_state")
+    sau_kernels.patch(pipe, profile, mode="final")
+    outer = pipe._sau_state
+    with sau_kernels.patched(pipe, profile, mode="per_step"):
+        assert pipe._sau_state.config.mode == "per_step"
+    assert pipe._sau_state is outer and type(pipe).__mro__[1] is cls
+
+
 def test_attention_processors_are_untouched(pipe, profile):
     from diffusers.models.attention_processor import AttnProcessor
 
