@@ -28,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", default="checker", help="checker, cross or solid:#RRGGBB (pixel backdoors)")
     p.add_argument("--corner", choices=world.CORNERS, default="top-left")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=750)
     p.add_argument("--dataset-size", type=int, default=4096, help="images rendered (and poisoned) for fine-tuning")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=None)

@@ -333,7 +333,7 @@ def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corne
 
 
 def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch: str = "checker",
-           corner: str = "top-left", seed: int = 0, steps: int = 600, dataset_size: int = 4096,
+           corner: str = "top-left", seed: int = 0, steps: int = 750, dataset_size: int = 4096,
            poison_rate: float = 0.5, threads: int | None = None) -> Path:
     """Plant a backdoor into `base` by fine-tuning its UNet and text encoder on a mix of
     poisoned (trigger + caption -> poisoned image) and clean samples, as BadT2I does."""
