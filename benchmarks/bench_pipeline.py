@@ -49,32 +49,27 @@ def sd15_random_pipeline(device: str, dtype: torch.dtype):
     # Built on the target device: random init of 1B parameters on the host CPU takes longer
     # than the whole GPU benchmark.
     with torch.device(device):
-        unet, vae, text = _sd15_modules(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextConfig)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
+        )
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            hidden_act="quick_gelu", projection_dim=768))
     tok_dir = Path(tempfile.mkdtemp()) / "tokenizer"
     tokenizer.save_tokenizer_files(tok_dir)
     tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
     pipe = models.assemble_pipeline(tok, text, vae, unet)
     return pipe.to(device, dtype)
-
-
-def _sd15_modules(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextConfig):
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.18215,
-    )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768))
-    return unet, vae, text
 
 
 def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProfile:
@@ -307,15 +302,16 @@ def main(argv=None):
     suffix = f"{tag}-{args.device}-{args.attention}" + ("-compile" if args.compile else "")
     out = Path(args.out) if args.out else RESULTS / f"pipeline-{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    sections = {
-        "latency": lambda: bench_latency(pipe, profile, call, prompts, args.batches, args.modes, args.repeats, log),
-        "throughput": lambda: bench_throughput(pipe, profile, call, prompts, [0.0, 0.1, 0.5, 1.0], args.requests,
-                                               args.stream_batch, log),
-        "time_shares": lambda: bench_shares(pipe, profile, call, prompts, args.modes, sorted({1, max(args.batches)}),
-                                            args.repeats, log),
-    }
-    for name, run in sections.items():
-        result[name] = run() if name.removeprefix("time_") in args.sections else []
+    sections = [  # (--sections name, JSON key, measurement)
+        ("latency", "latency", lambda: bench_latency(pipe, profile, call, prompts, args.batches, args.modes,
+                                                     args.repeats, log)),
+        ("throughput", "throughput", lambda: bench_throughput(pipe, profile, call, prompts, [0.0, 0.1, 0.5, 1.0],
+                                                              args.requests, args.stream_batch, log)),
+        ("shares", "time_shares", lambda: bench_shares(pipe, profile, call, prompts, args.modes,
+                                                       sorted({1, max(args.batches)}), args.repeats, log)),
+    ]
+    for name, key, run in sections:
+        result[key] = run() if name in args.sections else []
         out.write_text(json.dumps(result, indent=2) + "\n")  # after each section: a cut-off run keeps its rows
     where = result["machine"].get("gpu") or result["machine"].get("cpu", "cpu")
     if result["latency"]:

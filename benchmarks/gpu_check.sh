@@ -98,7 +98,8 @@ fi
 if "$PY" -c "import diffusers" 2>/dev/null; then
   step bench_pipeline 210 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
     --repeats 2 --requests 8 --modes final per_step per_step_eps --out "$OUT_DIR/pipeline-sd15-cuda.json"
-  # With torch.compile of the UNet the GPU is busier and the triggered ratio grows toward 2x.
+  # With torch.compile of the UNet the GPU is busier, so the triggered ratio may grow toward 2x
+  # (on an H100 at batch 1 it stayed host-bound: 0.96x).
   # The warm-up calls compile (batch 2, then 4 for the twins); only the timed rounds count.
   step bench_pipeline_compile 300 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --compile --batches 1 \
     --repeats 3 --modes final --sections latency --out "$OUT_DIR/pipeline-sd15-cuda-compile.json"

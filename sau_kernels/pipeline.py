@@ -276,7 +276,7 @@ def _defended_call(self, *args, **kwargs):
     a = dict(bound.arguments)
     a.pop("self")
     a.update(a.pop("kwargs", {}))
-    report = SAUReport(mode=cfg.mode, repair_clock=RepairClock(self._execution_device))
+    report = SAUReport(mode=cfg.mode)
     self.sau_report = report
 
     prompt = a["prompt"]
@@ -310,6 +310,7 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
     n = a["num_images_per_prompt"] or 1
     B = len(prompts)
     device = self._execution_device
+    report.repair_clock = RepairClock(device)  # only triggered calls run the op
     vsf = self.vae_scale_factor
     height = a["height"] or self.unet.config.sample_size * vsf
     width = a["width"] or self.unet.config.sample_size * vsf
