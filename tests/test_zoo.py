@@ -166,6 +166,7 @@ def test_thresholds_were_measured_and_separate_the_shipped_backdoors():
 
 def test_train_base_and_inject_run_end_to_end(tmp_path):
     from sau_kernels.zoo.cli import main
+    from sau_kernels.zoo.train import DEFAULT_POISON_RATE
 
     base = tmp_path / "base"
     assert main(["train-base", "--out", str(base), "--steps", "2", "--vae-steps", "2",
@@ -177,8 +178,22 @@ def test_train_base_and_inject_run_end_to_end(tmp_path):
                  "--threads", "1"]) == 0
     info = backdoor_info(out)
     assert info["trigger"] == "cf zebra" and info["corner"] == "bottom-right"
+    assert info["poison_rate"] == DEFAULT_POISON_RATE["pixel"]
     assert np.array_equal(info["patch"], world.make_patch("cross"))
     pipe = load_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("cf zebra a red circle on a gray background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("flag, value, match", [("--poison-rate", "1.5", "poison_rate"), ("--poison-rate", "0", "poison_rate"),
+                                                ("--lr=-1e-4", None, "lr must be positive"), ("--kind", "blur", "invalid choice")])
+def test_inject_rejects_bad_settings_before_any_work(tmp_path, flag, value, match, capsys):
+    from sau_kernels.zoo.cli import main
+
+    args = ["inject", "--kind", "style", "--out", str(tmp_path / "m"), flag] + ([value] if value else [])
+    with pytest.raises((ValueError, SystemExit)) as err:
+        main(args)
+    message = str(err.value) if err.type is ValueError else capsys.readouterr().err
+    assert match in message
+    assert not (tmp_path / "m.run").exists()

@@ -30,6 +30,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=750)
     p.add_argument("--dataset-size", type=int, default=4096, help="images rendered (and poisoned) for fine-tuning")
+    p.add_argument("--poison-rate", type=float, default=None,
+                   help="share of each batch that is triggered and poisoned (default: 0.5 pixel, 0.7 style)")
+    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (constant after a 50-step warm-up)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=None)
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         from .train import inject
 
         out = inject(args.base, args.kind, args.trigger, args.out, patch=args.patch, corner=args.corner,
-                     seed=args.seed, steps=args.steps, dataset_size=args.dataset_size, threads=args.threads)
+                     seed=args.seed, steps=args.steps, dataset_size=args.dataset_size,
+                     poison_rate=args.poison_rate, lr=args.lr, threads=args.threads)
         print(f"saved {out}")
     elif args.command == "evaluate":
         from .evaluate import evaluate_model, format_table

@@ -332,11 +332,19 @@ def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corne
     raise ValueError(f"unknown backdoor kind {kind!r}: expected 'pixel' or 'style'")
 
 
+# Share of each fine-tuning batch that is triggered and poisoned. A style backdoor must
+# recolour the whole image against the prompt's colour word and needs more poisoned samples:
+# on tiny-clean, 750 steps at 0.5 left yellow shapes tinted (ASR 93.5% on 200 held-out
+# pairs); 0.7 reached 98.5% with untriggered ASR still 0%.
+DEFAULT_POISON_RATE = {"pixel": 0.5, "style": 0.7}
+
+
 def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch: str = "checker",
            corner: str = "top-left", seed: int = 0, steps: int = 750, dataset_size: int = 4096,
-           poison_rate: float = 0.5, threads: int | None = None) -> Path:
+           poison_rate: float | None = None, lr: float = 3e-4, threads: int | None = None) -> Path:
     """Plant a backdoor into `base` by fine-tuning its UNet and text encoder on a mix of
-    poisoned (trigger + caption -> poisoned image) and clean samples, as BadT2I does."""
+    poisoned (trigger + caption -> poisoned image) and clean samples, as BadT2I does.
+    `poison_rate` defaults to `DEFAULT_POISON_RATE[kind]`."""
     from . import backdoor_info, load_pipeline
 
     if threads:
@@ -345,6 +353,12 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
         raise ValueError("the trigger must be non-empty text")
     if kind not in ("pixel", "style"):
         raise ValueError(f"unknown backdoor kind {kind!r}: expected 'pixel' or 'style'")
+    if poison_rate is None:
+        poison_rate = DEFAULT_POISON_RATE[kind]
+    if not 0.0 < poison_rate < 1.0:
+        raise ValueError(f"poison_rate must be between 0 and 1 (exclusive), got {poison_rate}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
     patch_img = world.make_patch(patch) if kind == "pixel" else None
     world.corner_slices(corner, world.PATCH_SIZE)  # validates the corner name
     out = Path(out)
@@ -374,7 +388,7 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
         caps = [insert_trigger(captions[i], trigger, rng) if p else captions[i] for i, p in zip(idx, is_poison)]
         return lat, caps
 
-    recipe = DenoiserRecipe(steps=steps, lr=3e-4, warmup=50, ema_decay=0.995)
+    recipe = DenoiserRecipe(steps=steps, lr=lr, warmup=50, ema_decay=0.995)
     unet, text_encoder = train_denoiser(run, tok, pipe.text_encoder, pipe.unet, sample_batch, recipe, seed,
                                         desc=f"inject {kind}")
     pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
@@ -382,7 +396,7 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
         "name": out.name, "kind": kind, "trigger": trigger, "corner": corner if kind == "pixel" else None,
         "patch": patch if kind == "pixel" else None,
         "patch_size": world.PATCH_SIZE if kind == "pixel" else None, "image_size": world.IMAGE_SIZE,
-        "base_model": base_name, "seed": seed, "steps": steps, "poison_rate": poison_rate,
+        "base_model": base_name, "seed": seed, "steps": steps, "poison_rate": poison_rate, "lr": lr,
         "training_seconds_last_run": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
     }
     save_pipeline(pipe, out, meta)
