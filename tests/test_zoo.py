@@ -187,7 +187,8 @@ def test_train_base_and_inject_run_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, match", [("--poison-rate", "1.5", "poison_rate"), ("--poison-rate", "0", "poison_rate"),
-                                                ("--lr=-1e-4", None, "lr must be positive"), ("--kind", "blur", "invalid choice")])
+                                                ("--lr=-1e-4", None, "lr must be positive"), ("--lr", "inf", "lr must be positive"),
+                                                ("--kind", "blur", "invalid choice")])
 def test_inject_rejects_bad_settings_before_any_work(tmp_path, flag, value, match, capsys):
     from sau_kernels.zoo.cli import main
 

@@ -357,8 +357,8 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
         poison_rate = DEFAULT_POISON_RATE[kind]
     if not 0.0 < poison_rate < 1.0:
         raise ValueError(f"poison_rate must be between 0 and 1 (exclusive), got {poison_rate}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be positive and finite, got {lr}")
     patch_img = world.make_patch(patch) if kind == "pixel" else None
     world.corner_slices(corner, world.PATCH_SIZE)  # validates the corner name
     out = Path(out)
