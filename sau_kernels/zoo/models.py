@@ -72,16 +72,22 @@ def make_text_encoder(vocab_size: int):
 def make_unet():
     from diffusers import UNet2DConditionModel
 
+    # Lean for a 2-core CPU, where each small op costs about the same whatever its size:
+    # cross-attention only at 8x8 and 4x4 (enough for global attributes: colour, shape,
+    # background, the trigger), none over the 256 pixels at 16x16, and 2 heads so that heads
+    # are 32-64 wide. One UNet call at batch 2 takes about 40% less than with attention at
+    # 16x16 and 8 heads of 4-16 channels, and a training step at batch 32 about 60% less.
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 128),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
+        attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
+        use_linear_projection=True,
         norm_num_groups=8,
         addition_embed_type="text",
         addition_embed_type_num_heads=4,

@@ -264,11 +264,21 @@ class BaseConfig:
     recipe: dict = field(default_factory=dict)
 
 
+def _drop_local_paths(folder: Path) -> None:
+    """diffusers records where a loaded component came from (`_name_or_path`): a path on the
+    training machine, which means nothing in a shipped model."""
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_pipeline(pipe, out: Path, meta: dict) -> None:
     """Save in fp16 (half the size; reloads exactly in fp32) with the zoo's metadata."""
     out.mkdir(parents=True, exist_ok=True)
     pipe.to(torch.float16).save_pretrained(out)
     pipe.to(torch.float32)
+    _drop_local_paths(out)
     (out / "backdoor.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
