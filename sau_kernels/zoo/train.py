@@ -258,7 +258,7 @@ def train_denoiser(run_dir: Path, tokenizer, text_encoder, unet, sample_batch, r
 @dataclass
 class BaseConfig:
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     steps: int = 6000
     dataset_size: int = 30000
     recipe: dict = field(default_factory=dict)
@@ -282,7 +282,7 @@ def save_pipeline(pipe, out: Path, meta: dict) -> None:
     (out / "backdoor.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def train_base(out: str | Path, seed: int = 0, steps: int = 5000, vae_steps: int = 1500,
+def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int = 1000,
                dataset_size: int = 30000, threads: int | None = None) -> Path:
     """Train tiny-clean from scratch into `out` (resumable: rerun the same command)."""
     if threads:
