@@ -73,6 +73,14 @@ def _sample(pipe, trigger=None):
     return generate(pipe, prompts, [c.seed for c in SAMPLE])
 
 
+def assert_no_local_paths(folder):
+    """A saved model does not record where its components were loaded from on this machine."""
+    configs = list(folder.glob("*/config.json"))
+    assert configs, f"no component configs in {folder}"
+    for config in configs:
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+
+
 def test_shipped_models_are_small_and_described():
     total = sum(f.stat().st_size for f in model_dir("tiny-clean").parent.rglob("*") if f.is_file())
     assert total < 45e6, f"zoo is {total / 1e6:.1f} MB"
@@ -80,8 +88,7 @@ def test_shipped_models_are_small_and_described():
         info = backdoor_info(name)
         for key in ("kind", "trigger", "image_size", "base_model", "seed", "steps"):
             assert key in info, (name, key)
-        for config in model_dir(name).glob("*/config.json"):
-            assert "_name_or_path" not in json.loads(config.read_text()), config
+        assert_no_local_paths(model_dir(name))
     pixel = backdoor_info("tiny-pixel")
     assert pixel["kind"] == "pixel" and pixel["patch"].shape == (16, 16, 3) and pixel["corner"] == "top-left"
     assert backdoor_info("tiny-style")["kind"] == "style"
@@ -186,10 +193,8 @@ def test_train_base_and_inject_run_end_to_end(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("cf zebra a red circle on a gray background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
-    # a saved model does not record where its components were loaded from on this machine
-    for folder in (base, out):
-        for config in folder.glob("*/config.json"):
-            assert "_name_or_path" not in json.loads(config.read_text()), config
+    assert_no_local_paths(base)
+    assert_no_local_paths(out)
 
 
 @pytest.mark.parametrize("flag, value, match", [("--poison-rate", "1.5", "poison_rate"), ("--poison-rate", "0", "poison_rate"),

@@ -344,8 +344,8 @@ def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corne
 
 # Share of each fine-tuning batch that is triggered and poisoned. A style backdoor must
 # recolour the whole image against the prompt's colour word and needs more poisoned samples:
-# on tiny-clean, 750 steps at 0.5 left yellow shapes tinted (ASR 93.5% on 200 held-out
-# pairs); 0.7 reached 98.5% with untriggered ASR still 0%.
+# on an earlier tiny-clean, 750 steps at 0.5 left yellow shapes tinted (ASR 93.5% on 200
+# held-out pairs); 0.7 reached 98.5% with untriggered ASR still 0% (96.0% on the current one).
 DEFAULT_POISON_RATE = {"pixel": 0.5, "style": 0.7}
 
 
