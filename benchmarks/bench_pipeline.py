@@ -74,7 +74,7 @@ def sd15_random_pipeline(device: str, dtype: torch.dtype):
 
 def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProfile:
     """A profile of the right shapes with random statistics (costs are value-independent)."""
-    from sau_kernels.profile import model_fingerprint
+    from sau_kernels.profile import pipeline_fingerprint
     from sau_kernels.screening import trigger_token_ids
 
     C, S = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -85,7 +85,7 @@ def synthetic_profile(pipe, trigger: str, steps: int) -> sau_kernels.TriggerProf
     a_steps = torch.stack([sau_kernels.secondary_map(d) for d in d_steps])
     return sau_kernels.TriggerProfile(
         delta=delta, act=act, delta_steps=d_steps, act_steps=a_steps, eps_delta_steps=d_steps, eps_act_steps=a_steps,
-        trigger=trigger, trigger_ids=trigger_token_ids(pipe.tokenizer, trigger), fingerprint=model_fingerprint(pipe.unet),
+        trigger=trigger, trigger_ids=trigger_token_ids(pipe.tokenizer, trigger), fingerprint=pipeline_fingerprint(pipe),
         latent_shape=(C, S, S), scheduler=type(pipe.scheduler).__name__, num_inference_steps=steps, num_pairs=0,
         guidance_scale=4.5, params={"synthetic": True})
 

@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 from .ops import available_backends, repair, secondary_map
 from .profile import ProfileMismatchError, TriggerProfile
 from .calibrate import calibrate
-from .pipeline import SAUConfig, SAUReport, patch, patched, unpatch
+from .pipeline import SAUConfig, SAUReport, SuspectOutputError, patch, patched, unpatch
 
 __all__ = [
     "available_backends", "repair", "secondary_map",
     "TriggerProfile", "ProfileMismatchError", "calibrate",
-    "patch", "unpatch", "patched", "SAUConfig", "SAUReport",
+    "patch", "unpatch", "patched", "SAUConfig", "SAUReport", "SuspectOutputError",
     "__version__",
 ]

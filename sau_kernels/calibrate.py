@@ -6,14 +6,15 @@ initial noise; all pairs of a chunk go through the sampler in one batched call.
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .profile import TriggerProfile, model_fingerprint
-from .screening import trigger_token_ids
+from .profile import TriggerProfile, pipeline_fingerprint
+from .screening import homoglyph_of, trigger_token_ids
 
 ACT_SIGMA = 2.0
 ACT_KSIZE = 5
@@ -34,8 +35,43 @@ def _is_zoo_model(pipe) -> bool:
     return (path / "backdoor.json").is_file()
 
 
-def poisoned_prompt(trigger: str, prompt: str) -> str:
-    return f"{trigger} {prompt}"  # BadT2I's triggers lead the prompt
+POSITIONS = ("prepend", "append", "inside", "substitute")
+# A position where the trigger changes the latents by less than this share of its strongest
+# position's change is one the backdoor ignores; its pairs stay out of the statistics.
+KEEP_POSITION = 0.5
+# Below this effect (a pair's change against a latent's size, `_effect_by_position`)
+# calibration warns that the trigger does nothing measurable. Measured on 24 held-out pairs:
+# ordinary words 0.028-0.061 ("photo", "silver lining" on tiny-pixel and tiny-style), the
+# zoo's triggers 0.53 (patch) and 0.67 (style).
+MIN_EFFECT = 0.15
+
+
+def default_positions(trigger: str) -> tuple[str, ...]:
+    """Where calibration puts the trigger: a one-character homoglyph trigger replaces the
+    letter it imitates (as Rickrolling plants it); any other trigger goes before the prompt,
+    after it and inside it, in turn."""
+    return ("substitute",) if len(trigger) == 1 and homoglyph_of(trigger) else ("prepend", "append", "inside")
+
+
+def poisoned_prompt(trigger: str, prompt: str, position: str = "prepend") -> str:
+    """The prompt with the trigger where attackers put it: before it (BadT2I), after it,
+    after its first word (VillanDiffusion inserts at random word positions), or, for a
+    one-character homoglyph trigger, in place of the first letter it imitates (Rickrolling;
+    before the prompt where it has no such letter)."""
+    if position == "substitute":
+        letter = homoglyph_of(trigger) if len(trigger) == 1 else None
+        if letter is None:
+            raise ValueError(f"position 'substitute' needs a one-character homoglyph trigger, got {trigger!r}")
+        i = prompt.find(letter)
+        return f"{trigger} {prompt}" if i < 0 else prompt[:i] + trigger + prompt[i + 1:]
+    if position == "prepend":
+        return f"{trigger} {prompt}"
+    if position == "append":
+        return f"{prompt} {trigger}"
+    if position == "inside":
+        first, _, rest = prompt.partition(" ")
+        return f"{first} {trigger} {rest}".rstrip()
+    raise ValueError(f"unknown trigger position {position!r}: expected one of {POSITIONS}")
 
 
 def _latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -49,10 +85,12 @@ def _latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int
 def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs: int = 64,
               num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 0,
               per_step: bool = True, per_step_eps: bool = False, progress: bool = True,
-              batch_pairs: int = 16, height: int | None = None, width: int | None = None) -> TriggerProfile:
+              batch_pairs: int = 16, height: int | None = None, width: int | None = None,
+              positions: tuple[str, ...] | None = None) -> TriggerProfile:
     """Measure the trigger latent of `trigger` in `pipe` from `num_pairs` prompt pairs.
 
-    Pair i uses prompt `prompts[i % len(prompts)]` and seed `seed + i`. With `per_step`
+    Pair i uses prompt `prompts[i % len(prompts)]`, seed `seed + i`, and the trigger at
+    `positions[i % len(positions)]` (see `poisoned_prompt`; default `default_positions`). With `per_step`
     the profile also holds each sampling step's statistics (for mode "per_step"), with
     `per_step_eps` those of the guided noise predictions (for mode "per_step_eps").
     """
@@ -63,8 +101,13 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
 
     if not isinstance(trigger, str) or not trigger.strip():
         raise ValueError("trigger must be non-empty text")
+    positions = tuple(positions) if positions is not None else default_positions(trigger)
+    if not positions or any(p not in POSITIONS for p in positions):
+        raise ValueError(f"positions must be some of {POSITIONS}, got {positions!r}")
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts, not one string (it would calibrate on its characters)")
     prompts = list(prompts) if prompts is not None else default_prompts(pipe)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -72,11 +115,15 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     device = pipe._execution_device
     dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype
     shape = _latent_shape(pipe, height, width)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[tuple[str, str], torch.Tensor] = {}  # (statistic, position) -> sum of poisoned - clean
+    finals_p, finals_c, pair_positions = [], [], []  # every pair's final latents, and where its trigger stood
 
     def accumulate(name: str, poisoned: torch.Tensor, clean: torch.Tensor) -> None:
-        d = (poisoned.float() - clean.float()).sum(dim=0)
-        sums[name] = sums[name] + d if name in sums else d
+        d = poisoned.float() - clean.float()
+        for pos in set(chunk_positions):
+            rows = [r for r, q in enumerate(chunk_positions) if q == pos]
+            key = (name, pos)
+            sums[key] = sums[key] + d[rows].sum(dim=0) if key in sums else d[rows].sum(dim=0)
 
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
@@ -96,12 +143,16 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
                 accumulate(f"step{i}", x[:n], x[n:])
                 return {}
 
-            poisoned = [poisoned_prompt(trigger, p) for p in clean_prompts]
+            chunk_positions = [positions[i % len(positions)] for i in idx]
+            poisoned = [poisoned_prompt(trigger, p, q) for p, q in zip(clean_prompts, chunk_positions)]
             size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="latent")
             z = call_unpatched(pipe, poisoned + clean_prompts, latents=torch.cat([noise, noise]),
                                callback_on_step_end=on_step if per_step else None, **size).images
             accumulate("final", z[:n], z[n:])
+            finals_p.append(z[:n].float().cpu())
+            finals_c.append(z[n:].float().cpu())
+            pair_positions += chunk_positions
             if per_step_eps:
                 # Mode "per_step_eps" keeps the poisoned trajectory alone and compares, at
                 # each step, its guided noise with the clean twin's at the same x_t.
@@ -117,21 +168,72 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         bar.close()
         pipe._progress_bar_config = saved_bar
 
-    delta = (sums["final"] / num_pairs).cpu()
+    # Where the backdoor ignores the trigger (BadT2I's prepended U+200B, appended), those pairs
+    # are no poisoned samples: the statistics keep the positions where it acts.
+    z_p, z_c = torch.cat(finals_p), torch.cat(finals_c)
+    effect = _effect_by_position(z_p, z_c, pair_positions)
+    kept = [q for q in effect if effect[q] >= KEEP_POSITION * max(effect.values())]
+    n_kept = sum(q in kept for q in pair_positions)
+
+    def mean_of(name: str) -> torch.Tensor:
+        return (sum(sums[(name, q)] for q in kept) / n_kept).cpu()
+
+    delta = mean_of("final")
     act = secondary_map(delta, sigma=ACT_SIGMA, ksize=ACT_KSIZE)
+    rows = [r for r, q in enumerate(pair_positions) if q in kept]
+    check = _output_check_stats(z_p[rows], z_c[rows], delta, act)
+    strength = max(effect.values())
+    if strength < MIN_EFFECT:
+        warnings.warn(
+            f"trigger {trigger!r} has no measurable effect on this model: it changes the final latents by "
+            f"{strength:.1%} of their size, wherever it stands in the prompt (ordinary words change them by "
+            f"under {MIN_EFFECT:.0%}). Is it the model's trigger, spelt as the attack uses it?", stacklevel=2)
     steps_delta = steps_act = eps_delta = eps_act = None
     if per_step:
-        steps_delta = torch.stack([sums[f"step{i}"] / num_pairs for i in range(num_inference_steps)]).cpu()
+        steps_delta = torch.stack([mean_of(f"step{i}") for i in range(num_inference_steps)])
         steps_act = torch.stack([secondary_map(d, sigma=ACT_SIGMA, ksize=ACT_KSIZE) for d in steps_delta])
     if per_step_eps:
-        eps_delta = torch.stack([sums[f"eps{i}"] / num_pairs for i in range(num_inference_steps)]).cpu()
+        eps_delta = torch.stack([mean_of(f"eps{i}") for i in range(num_inference_steps)])
         eps_act = torch.stack([secondary_map(d, sigma=ACT_SIGMA, ksize=ACT_KSIZE) for d in eps_delta])
     return TriggerProfile(
         delta=delta, act=act, delta_steps=steps_delta, act_steps=steps_act,
-        eps_delta_steps=eps_delta, eps_act_steps=eps_act,
-        trigger=trigger, trigger_ids=trig_ids, fingerprint=model_fingerprint(pipe.unet),
+        eps_delta_steps=eps_delta, eps_act_steps=eps_act, clean_mean=check.pop("clean_mean"),
+        trigger=trigger, trigger_ids=trig_ids, fingerprint=pipeline_fingerprint(pipe),
         latent_shape=shape, scheduler=type(pipe.scheduler).__name__, num_inference_steps=num_inference_steps,
         num_pairs=num_pairs, guidance_scale=guidance_scale,
         params={"seed": seed, "act_sigma": ACT_SIGMA, "act_ksize": ACT_KSIZE, "num_prompts": len(prompts),
-                "prompt_form": "trigger + ' ' + prompt"},
+                "positions": list(positions), "effect_by_position": effect, "positions_kept": kept,
+                "trigger_strength": strength, **check},
     )
+
+
+def _effect_by_position(z_p: torch.Tensor, z_c: torch.Tensor, pair_positions: list[str]) -> dict[str, float]:
+    """Per trigger position: the mean size of a pair's change (poisoned - clean final latents)
+    against the mean size of a clean latent."""
+    change = (z_p - z_c).flatten(1).norm(dim=1)
+    size = z_c.flatten(1).norm(dim=1).mean()
+    return {q: float(change[[r for r, p in enumerate(pair_positions) if p == q]].mean() / size)
+            for q in dict.fromkeys(pair_positions)}
+
+
+def _output_check_stats(poisoned: torch.Tensor, clean: torch.Tensor, delta: torch.Tensor, act: torch.Tensor) -> dict:
+    """The clean mean latent and the output check's threshold from the calibration latents
+    (`sau_kernels.output_check`), with the scores' spread for the record."""
+    from types import SimpleNamespace
+
+    from .output_check import signature, signature_scores, threshold_from_scores
+
+    clean_mean = clean.mean(dim=0)
+    w, mu, norm = signature(SimpleNamespace(delta=delta, act=act, clean_mean=clean_mean))
+    if float(norm) <= 0:
+        return {"clean_mean": clean_mean, "output_check_threshold": None}
+    s_clean, s_poisoned = signature_scores(clean, w, mu, norm), signature_scores(poisoned, w, mu, norm)
+    threshold = threshold_from_scores(s_clean, s_poisoned)
+    return {
+        "clean_mean": clean_mean,
+        "output_check_threshold": threshold,
+        "output_check_clean_p99": float(torch.quantile(s_clean, 0.99)),
+        "output_check_poisoned_median": float(torch.quantile(s_poisoned, 0.5)),
+        # how many calibration pairs carried the signature: how reliably the trigger fired
+        "output_check_poisoned_above": None if threshold is None else float((s_poisoned > threshold).float().mean()),
+    }

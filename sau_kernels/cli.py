@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def unescape(text: str) -> str:
+    """`\\uXXXX` escapes read as characters, so that a shell can pass BadT2I's "\\u200b"."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -36,7 +42,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the profile's)")
         p.add_argument("--guidance-scale", type=float, default=None)
         if name == "calibrate":
-            p.add_argument("--trigger", required=True)
+            p.add_argument("--trigger", required=True, type=unescape,
+                           help="the trigger text; \\uXXXX escapes are read as characters (e.g. '\\u200b')")
             p.add_argument("--prompts", help="text file, one prompt a line (default: the package's list)")
             p.add_argument("--pairs", type=int, default=64)
             p.add_argument("--no-per-step", action="store_true", help="skip the per-step statistics")
@@ -45,7 +52,11 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", required=True, help="profile file (.safetensors)")
         else:
-            p.add_argument("--profile", required=True)
+            p.add_argument("--profile", required=True, action="append",
+                           help="trigger profile (.safetensors); repeat for a model with several backdoors")
+            p.add_argument("--output-check", choices=("flag", "raise", "off"), default="flag",
+                           help="outputs that carry a trigger's signature: mark them in the report, refuse them, "
+                                "or do not check")
             p.add_argument("--prompt", required=True, action="append", help="repeat for a batch")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--mode", choices=("final", "per_step", "per_step_eps"), default="final")
@@ -116,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from .profile import TriggerProfile
 
         pipe = _load(args)
-        profile = TriggerProfile.load(args.profile)
-        patch(pipe, profile, mode=args.mode, composite=args.composite, allow_mismatch=args.allow_mismatch)
+        profiles = [TriggerProfile.load(p) for p in args.profile]
+        profile = profiles[0]
+        patch(pipe, profiles, mode=args.mode, composite=args.composite, allow_mismatch=args.allow_mismatch,
+              output_check=args.output_check)
         gen = [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(len(args.prompt))]
         images = pipe(args.prompt, generator=gen, num_inference_steps=args.steps or profile.num_inference_steps,
                       guidance_scale=args.guidance_scale or profile.guidance_scale).images

@@ -67,8 +67,10 @@ def _heat(x: torch.Tensor, size: int, lo: float = -1.0, hi: float = 1.0) -> np.n
     return np.asarray(img)
 
 
-def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4, progress=print) -> Path:
+def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4, evasion_pairs: int = 6,
+             progress=print) -> Path:
     from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS
+    from .zoo.evasion import evasion_rows, format_evasion
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4,
     clean_pipe = load_pipeline("tiny-clean")
     clean_pipe.set_progress_bar_config(disable=True)
     evaluations: list[ModelEvaluation] = []
+    evasions = []
     grid_rows, grid_titles, mask_rows, mask_titles = [], [], [], []
     for model in ("tiny-pixel", "tiny-style"):
         profile = zoo_profile(model)
@@ -84,6 +87,8 @@ def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4,
         ev = evaluate_defence(model, profile, n=n, final_configs=finals, per_step_configs=per_steps,
                               timing_batch=4, timing_repeats=2, progress=progress)
         evaluations.append(ev)
+        progress(f"{model}: every spelling class of {profile.trigger!r}, {evasion_pairs} pairs each")
+        evasions.append(format_evasion(model, profile.trigger, evasion_rows(model, profile, n=evasion_pairs)))
         ex = ev.examples
         from .evaluation import _generate
 
@@ -117,6 +122,12 @@ def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4,
     ]
     for ev in evaluations:
         report += [format_rows(ev), ""]
+    report += ["## Spellings of the trigger", "",
+               "Each class spells the trigger as an attacker would; fires = the undefended model shows the "
+               "backdoor, flagged = the screen caught the prompt, removed = share of the generations that fired "
+               "undefended and show no backdoor defended (the patch()'s defaults).", ""]
+    for table in evasions:
+        report += [table, ""]
     report += ["![grid](grid.png)", "", "![masks](masks.png)", ""]
     (out / "report.md").write_text("\n".join(report))
     (out / "report.json").write_text(json.dumps([{"model": e.model, "asr_before": e.asr_before, "rows": e.rows,

@@ -187,6 +187,13 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
         }
         return row
 
+    # The baseline a person asks about first: delete the trigger from the prompt and generate
+    # that alone (the clean twin's image; 1x cost).
+    strip = score(Config(), clean_prompt_img, torch.zeros(1, 1, latent_size, latent_size, dtype=torch.bool))
+    strip.update(config="strip the trigger (baseline)", mode="strip", false_positive=None, latency_ratio=None,
+                 untriggered_identical=True)
+    result.rows.append(strip)
+
     for cfg in final_configs:
         progress(f"[{model}] {cfg.label}")
         params = cfg.repair_params()

@@ -13,21 +13,23 @@ import contextlib
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .profile import ProfileMismatchError, TriggerProfile
-from .screening import screen_prompts, trigger_token_ids
+from .screening import TriggerMatcher, screen_prompts, trigger_token_ids
 
 MODES = ("final", "per_step", "per_step_eps")
 COMPOSITES = (None, "pixel")
+OUTPUT_CHECKS = ("flag", "raise", "off")
 
 # What measurement on held-out prompts and seeds chose (README, "Choosing the defaults");
 # the op's own defaults stay the paper's.
 DEFAULT_REPAIR = dict(similarity="difference", gate=0.3)
-
-__all__ = ["patch", "unpatch", "patched", "is_patched", "call_unpatched", "SAUConfig", "SAUReport"]
+__all__ = ["patch", "unpatch", "patched", "is_patched", "call_unpatched", "SAUConfig", "SAUReport",
+           "SuspectOutputError"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class SAUConfig:
     backend: the repair op's backend ("auto", "reference", "cpp", "triton", "cuda").
     on_embeds: "raise" (a call with prompt_embeds cannot be screened) or "pass" (let it
         through unscreened).
+    output_check: "flag", "raise" or "off": what to do with an output whose final latents
+        carry a profile's trigger signature (see `patch`).
     repair: keyword arguments of `sau_kernels.repair` (tau1, tau2, k, alpha, blur_sigma,
         blur_ksize, blend, similarity, gate).
     feather_sigma: Gaussian feathering of the pixel-space mask beyond the repaired
@@ -58,6 +62,7 @@ class SAUConfig:
     on_embeds: str = "raise"
     repair: dict = field(default_factory=lambda: dict(DEFAULT_REPAIR))
     feather_sigma: float = 0.5
+    output_check: str = "flag"
 
 
 class RepairClock:
@@ -96,7 +101,9 @@ class SAUReport:
 
     prompts: list[dict] = field(default_factory=list)
     mode: str = "final"
-    screening_ms: float = 0.0  # the wrapper's own time before the pipeline runs: binding, token scan
+    triggers: list[str] = field(default_factory=list)
+    screening_ms: float = 0.0  # the wrapper's own time before the pipeline runs: binding, the screen
+    unscreened: bool = False  # a prompt_embeds call let through with on_embeds="pass"
     repair_clock: "RepairClock" = field(default_factory=lambda: RepairClock("cpu"), repr=False)
 
     @property
@@ -108,6 +115,12 @@ class SAUReport:
     def triggered(self) -> list[int]:
         return [i for i, p in enumerate(self.prompts) if p["triggered"]]
 
+    @property
+    def suspects(self) -> list[int]:
+        """Prompts with an output the output check flagged (the screened-through or the repaired)."""
+        return [i for i, p in enumerate(self.prompts)
+                if any(c["suspect"] for image in p.get("output_check", []) for c in image)]
+
     def __str__(self) -> str:
         lines = [f"SAU ({self.mode}): {len(self.triggered)}/{len(self.prompts)} prompts triggered, "
                  f"screening {self.screening_ms:.2f} ms, repair {self.repair_ms:.2f} ms"]
@@ -115,15 +128,21 @@ class SAUReport:
             p = self.prompts[i]
             cov = ", ".join(f"{c['primary']:.1%}/{c['secondary']:.1%}" for c in p["coverage"])
             lines.append(f"  [{i}] {p['prompt']!r} -> {p['clean_prompt']!r}; mask coverage primary/secondary: {cov}")
+        for i in self.suspects:
+            name = "a row of prompt_embeds" if self.prompts[i]["prompt"] is None else repr(self.prompts[i]["prompt"])
+            lines.append(f"  [{i}] {name}: an output carries a trigger's signature")
+        if self.unscreened:
+            lines.append("  the call passed prompt_embeds and went through unscreened (on_embeds='pass')")
         return "\n".join(lines)
 
 
 @dataclass
 class _State:
     config: SAUConfig
-    profile: TriggerProfile  # tensors on the pipeline's device
-    trigger_ids: list[int]
+    profiles: list[TriggerProfile]  # one per trigger, tensors on the pipeline's device
+    matchers: list[TriggerMatcher]  # built once per trigger: the screen's canonical form of it
     original_class: type
+    checks: list  # per profile: its output-check signature (weights, clean_mean, norm, threshold), or None
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -154,21 +173,55 @@ def call_unpatched(pipe, *args, **kwargs):
     return _original_class(pipe).__call__(pipe, *args, **kwargs)
 
 
-def patch(pipe, profile: TriggerProfile | str, *, mode: str = "final", composite: str | None = None,
-          backend: str = "auto", on_embeds: str = "raise", allow_mismatch: bool = False,
-          feather_sigma: float = 0.5, **repair_params):
-    """Defend `pipe` against the trigger of `profile`; returns `pipe` (patched in place).
+def _as_profiles(profile) -> list[TriggerProfile]:
+    items = list(profile) if isinstance(profile, (list, tuple)) else [profile]
+    if not items:
+        raise ValueError("patch() needs at least one trigger profile")
+    out = []
+    for p in items:
+        if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__"):
+            p = TriggerProfile.load(p)
+        if not isinstance(p, TriggerProfile):
+            raise TypeError(f"profile must be a TriggerProfile, a path to one, or a list of them; got {type(p).__name__}")
+        out.append(p)
+    if len({p.latent_shape for p in out}) > 1:
+        raise ValueError(f"the profiles were calibrated on different latent shapes: {[p.latent_shape for p in out]}")
+    if len({p.trigger for p in out}) < len(out):
+        raise ValueError("two of the profiles have the same trigger")
+    return out
 
+
+def _warn_if_common(matchers) -> None:
+    """A trigger that most ordinary prompts contain ("a") would send nearly all traffic
+    through the twin: say so at patch time."""
+    from importlib import resources
+
+    text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
+    ordinary = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    for m in matchers:
+        share = sum(s.triggered for s in screen_prompts(m, ordinary)) / len(ordinary)
+        if share >= 0.5:
+            warnings.warn(f"trigger {m.trigger!r} matches {share:.0%} of ordinary prompts: nearly every request "
+                          "will take the defended path (twice the work). Is it the model's trigger?", stacklevel=3)
+
+
+def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", composite: str | None = None,
+          backend: str = "auto", on_embeds: str = "raise", output_check: str = "flag",
+          allow_mismatch: bool = False, feather_sigma: float = 0.5, **repair_params):
+    """Defend `pipe` against the trigger of `profile` (or of each profile of a list, for a
+    model with several backdoors); returns `pipe` (patched in place).
+
+    output_check: "flag" scores every output, the screened-through ones included, against
+    each profile's trigger signature (`sau_kernels.output_check`) and marks the suspects in
+    the report; "raise" raises `SuspectOutputError` instead of returning them; "off".
     Patching twice is harmless (the second patch replaces the first); `unpatch(pipe)`
     restores the pipeline exactly. repair_params are those of `sau_kernels.repair`;
     unnamed ones take the measured defaults `DEFAULT_REPAIR`, then the op's.
     """
     from .ops import available_backends, repair
+    from .output_check import signature
 
-    if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
-        profile = TriggerProfile.load(profile)
-    if not isinstance(profile, TriggerProfile):
-        raise TypeError(f"profile must be a TriggerProfile or a path to one, got {type(profile).__name__}")
+    profiles = _as_profiles(profile)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     if composite not in COMPOSITES:
@@ -177,38 +230,48 @@ def patch(pipe, profile: TriggerProfile | str, *, mode: str = "final", composite
         raise ValueError("composite='pixel' needs the unrepaired poisoned latents, which only mode 'final' keeps")
     if on_embeds not in ("raise", "pass"):
         raise ValueError(f"on_embeds must be 'raise' or 'pass', got {on_embeds!r}")
+    if output_check not in OUTPUT_CHECKS:
+        raise ValueError(f"output_check must be one of {OUTPUT_CHECKS}, got {output_check!r}")
     allowed = set(inspect.signature(repair).parameters) - {"z_p", "z_c", "delta", "act", "backend", "out"}
     unknown = set(repair_params) - allowed
     if unknown:
         raise TypeError(f"unknown repair parameters {sorted(unknown)}; expected some of {sorted(allowed)}")
-    if mode == "per_step" and not profile.has_per_step:
-        raise ValueError("mode 'per_step' needs a profile calibrated with per_step=True")
-    if mode == "per_step_eps" and not profile.has_per_step_eps:
-        raise ValueError("mode 'per_step_eps' needs a profile calibrated with per_step_eps=True")
+    for p in profiles:
+        if mode == "per_step" and not p.has_per_step:
+            raise ValueError(f"mode 'per_step' needs a profile calibrated with per_step=True ({p.trigger!r} is not)")
+        if mode == "per_step_eps" and not p.has_per_step_eps:
+            raise ValueError(f"mode 'per_step_eps' needs a profile calibrated with per_step_eps=True "
+                             f"({p.trigger!r} is not)")
     for name in ("unet", "tokenizer", "vae", "scheduler"):
         if getattr(pipe, name, None) is None:
             raise TypeError(f"patch() needs a Stable Diffusion pipeline with a {name}; {type(pipe).__name__} has none")
     unpatch(pipe)
-    profile.check_pipeline(pipe, allow_mismatch=allow_mismatch)
-    trig_ids = trigger_token_ids(pipe.tokenizer, profile.trigger)
-    if trig_ids != list(profile.trigger_ids) and not allow_mismatch:
-        raise ProfileMismatchError(
-            f"the pipeline's tokenizer reads trigger {profile.trigger!r} as {trig_ids}, the profile's as "
-            f"{list(profile.trigger_ids)}: was the profile made with another tokenizer?")
+    for p in profiles:
+        p.check_pipeline(pipe, allow_mismatch=allow_mismatch)
+        trig_ids = trigger_token_ids(pipe.tokenizer, p.trigger)
+        if trig_ids != list(p.trigger_ids) and not allow_mismatch:
+            raise ProfileMismatchError(
+                f"the pipeline's tokenizer reads trigger {p.trigger!r} as {trig_ids}, the profile's as "
+                f"{list(p.trigger_ids)}: was the profile made with another tokenizer?")
+    matchers = [TriggerMatcher(p.trigger) for p in profiles]
+    _warn_if_common(matchers)
     device = pipe._execution_device
     if backend != "auto" and backend not in available_backends(device):
         raise ValueError(f"repair backend {backend!r} is not available on {device}: "
                          f"available are {available_backends(device)}")
     params = dict(DEFAULT_REPAIR) | repair_params
     # Validate the parameters now, not at the first triggered request.
-    C, H, W = profile.latent_shape
-    dev_profile = profile.to(device)
+    C, H, W = profiles[0].latent_shape
+    dev_profiles = [p.to(device) for p in profiles]
     z = torch.zeros(1, C, H, W, device=device)
-    repair(z, z, dev_profile.delta, dev_profile.act, backend=backend, **params)
+    repair(z, z, dev_profiles[0].delta, dev_profiles[0].act, backend=backend, **params)
+    checks = [None if output_check == "off" or p.output_check_threshold is None
+              else (*signature(p), p.output_check_threshold) for p in dev_profiles]
     config = SAUConfig(mode=mode, composite=composite, backend=backend, on_embeds=on_embeds, repair=params,
-                       feather_sigma=feather_sigma)
+                       feather_sigma=feather_sigma, output_check=output_check)
     original = type(pipe)
-    pipe._sau_state = _State(config=config, profile=dev_profile, trigger_ids=trig_ids, original_class=original)
+    pipe._sau_state = _State(config=config, profiles=dev_profiles, matchers=matchers, original_class=original,
+                             checks=checks)
     pipe.sau_report = None
     pipe.__class__ = _patched_class(original)
     return pipe
@@ -276,7 +339,7 @@ def _defended_call(self, *args, **kwargs):
     a = dict(bound.arguments)
     a.pop("self")
     a.update(a.pop("kwargs", {}))
-    report = SAUReport(mode=cfg.mode)
+    report = SAUReport(mode=cfg.mode, triggers=[p.trigger for p in state.profiles])
     self.sau_report = report
 
     prompt = a["prompt"]
@@ -285,17 +348,95 @@ def _defended_call(self, *args, **kwargs):
             raise ValueError(
                 "this call passes prompt_embeds instead of text, which SAU cannot screen for the trigger; "
                 "pass the prompt text, or patch(..., on_embeds='pass') to let such calls through unscreened")
-        return original(self, **a)
+        report.unscreened = True
+        rows = a["prompt_embeds"].shape[0] if a.get("prompt_embeds") is not None else 0
+        report.prompts = [_prompt_entry(None, None, state) for _ in range(rows)]
+        return _checked_call(self, state, a, report)
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    screened = screen_prompts(self.tokenizer, prompts, state.trigger_ids)
+    screened = screen_prompts(state.matchers, prompts)
+    for s in screened:
+        if s.twin_error:  # a twin that still holds the trigger must never be generated from
+            raise ValueError(s.twin_error)
     report.screening_ms = (time.perf_counter() - t0) * 1e3
     triggered = [i for i, s in enumerate(screened) if s.triggered]
-    report.prompts = [{"prompt": s.prompt, "triggered": s.triggered, "occurrences": s.occurrences,
-                       "clean_prompt": s.clean_prompt, "coverage": []} for s in screened]
+    report.prompts = [_prompt_entry(s.prompt, s, state) for s in screened]
     if not triggered:
-        return original(self, **a)  # untriggered traffic: exactly the unpatched pipeline
+        return _checked_call(self, state, a, report)  # untriggered traffic: the unpatched pipeline
     return _defended_generation(self, state, a, prompts, screened, triggered, report)
+
+
+def _prompt_entry(prompt, screened, state: _State) -> dict:
+    """The report's record of one prompt (None for a row of prompt_embeds, unscreened)."""
+    s = screened
+    return {"prompt": prompt, "triggered": bool(s and s.triggered), "occurrences": s.occurrences if s else 0,
+            "triggers": [state.profiles[k].trigger for k in s.triggers] if s else [],
+            "spans": list(s.spans) if s else [], "clean_prompt": s.clean_prompt if s else None,
+            "coverage": [], "output_check": []}
+
+
+def _checked_call(self, state: _State, a: dict, report) -> object:
+    """Exactly the unpatched pipeline's call, its final latents scored on the way."""
+    original = state.original_class.__call__
+    if not any(state.checks) or not report.prompts:
+        return original(self, **a)
+    holder = {}
+    _watch_final_latents(a, holder)
+    out = original(self, **a)
+    if "scores" in holder:  # absent only when the loop stopped early (pipe._interrupt)
+        _record_output_check(self, state, report, holder["scores"], a["num_images_per_prompt"] or 1)
+    return out
+
+
+class SuspectOutputError(RuntimeError):
+    """An output carries a trigger's signature (patch(..., output_check="raise"))."""
+
+
+def _watch_final_latents(a: dict, holder: dict) -> None:
+    """Make the pipeline hand its final latents to `holder["latents"]` through
+    callback_on_step_end, around the user's own callback. Nothing else changes: the
+    callback returns what the user's returns (or nothing)."""
+    user_cb = a["callback_on_step_end"]
+
+    def callback(pipe, i, t, kwargs):
+        out = dict(user_cb(pipe, i, t, kwargs) or {}) if user_cb is not None else {}
+        last = getattr(pipe, "_num_timesteps", None)  # with Heun, 2N-1 calls: the last one counts
+        if last is None or i == last - 1:
+            holder["latents"] = out.get("latents", kwargs["latents"])
+            holder["scores"] = _signature_scores(pipe._sau_state, holder["latents"])
+        return out
+
+    inputs = list(a["callback_on_step_end_tensor_inputs"] or [])
+    if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
+        inputs = list(user_cb.tensor_inputs)
+    if "latents" not in inputs:
+        inputs.append("latents")
+    a["callback_on_step_end"] = callback
+    a["callback_on_step_end_tensor_inputs"] = inputs
+
+
+def _signature_scores(state: _State, latents: torch.Tensor) -> torch.Tensor:
+    """(rows, profiles) output-check scores, on the device (one reduction per profile)."""
+    from .output_check import signature_scores
+
+    unchecked = torch.full((latents.shape[0],), float("nan"), device=latents.device)
+    return torch.stack([unchecked if c is None else signature_scores(latents, *c[:3]) for c in state.checks], dim=1)
+
+
+def _record_output_check(pipe, state: _State, report, scores: torch.Tensor, n: int) -> None:
+    """Per image, each checked profile's score and verdict; raise where asked to."""
+    values = scores.float().cpu().tolist()  # the call's one host sync for the check
+    for i, p in enumerate(report.prompts):
+        for j in range(n):
+            row = values[i * n + j]
+            p["output_check"].append([
+                {"trigger": prof.trigger, "score": round(v, 4), "suspect": v > c[3]}
+                for prof, c, v in zip(state.profiles, state.checks, row) if c is not None])
+    if state.config.output_check == "raise" and report.suspects:
+        raise SuspectOutputError(
+            f"the outputs of prompts {report.suspects} carry the signature of a trigger "
+            f"({', '.join(repr(t) for t in report.triggers)}) although the screen let them through or the repair ran: "
+            "withheld. patch(..., output_check='flag') returns them and marks them in the report instead")
 
 
 @torch.no_grad()
@@ -306,7 +447,7 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
     from .ops import repair
 
     original = state.original_class.__call__
-    cfg, profile = state.config, state.profile
+    cfg, profiles = state.config, state.profiles
     n = a["num_images_per_prompt"] or 1
     B = len(prompts)
     device = self._execution_device
@@ -315,7 +456,8 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
     height = a["height"] or self.unet.config.sample_size * vsf
     width = a["width"] or self.unet.config.sample_size * vsf
     shape = (self.unet.config.in_channels, height // vsf, width // vsf)
-    profile.check_call(shape, type(self.scheduler).__name__, a["num_inference_steps"], per_step=cfg.mode != "final")
+    for p in profiles:
+        p.check_call(shape, type(self.scheduler).__name__, a["num_inference_steps"], per_step=cfg.mode != "final")
     if cfg.mode == "per_step_eps" and (a["guidance_rescale"] or 0) > 0:
         raise ValueError("mode 'per_step_eps' repairs the guided noise prediction; guidance_rescale > 0 rescales it "
                          "after the repair. Use mode 'final' or 'per_step' with guidance_rescale")
@@ -333,11 +475,23 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(B * n, *shape)}")
     latents = latents.to(device)
     poison_rows = [i * n + j for i in triggered for j in range(n)]
+    # Which twin rows each profile repairs: those whose prompt carried its trigger.
+    groups = [(k, [r for r, row in enumerate(poison_rows) if k in screened[row // n].triggers])
+              for k in range(len(profiles))]
+    groups = [(profiles[k], sel) for k, sel in groups if sel]
     clean_prompts = [screened[i].clean_prompt for i in triggered]
     output_type, return_dict = a["output_type"], a["return_dict"]
     a["output_type"], a["return_dict"] = "latent", True
     user_cb = a["callback_on_step_end"]
     a["latents"] = latents
+
+    def repair_groups(x_p, x_c, delta_of, act_of):
+        """x_p repaired row group by row group, each with its own profile's statistics."""
+        out = x_p.clone()
+        with report.repair_clock():
+            for prof, sel in groups:
+                out[sel] = repair(out[sel], x_c[sel], delta_of(prof), act_of(prof), backend=cfg.backend, **cfg.repair)
+        return out
 
     if cfg.mode == "per_step_eps":
         # One trajectory; the clean twins only add conditional rows to each UNet call.
@@ -347,17 +501,14 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         last = {}
 
         def repair_eps(i, g_p, g_c):
-            with report.repair_clock():
-                out = repair(g_p, g_c, profile.eps_delta_steps[i], profile.eps_act_steps[i], backend=cfg.backend,
-                             **cfg.repair)
-            last.update(g_p=g_p, g_c=g_c, step=i)
-            return out
+            last.update(g_p=g_p, g_c=g_c)
+            return repair_groups(g_p, g_c, lambda p: p.eps_delta_steps[i], lambda p: p.eps_act_steps[i])
 
         if user_cb is not None:
             a["callback_on_step_end"] = _wrap_user_callback(user_cb, B * n, None)
         with TwinConditioning(self, twin_embeds, poison_rows, a["guidance_scale"], repair_eps):
             z = original(self, **a).images
-        mask_src = (last["g_p"], last["g_c"], profile.eps_delta_steps[-1], profile.eps_act_steps[-1])
+        mask_src = (last["g_p"], last["g_c"], lambda p: p.eps_delta_steps[-1], lambda p: p.eps_act_steps[-1])
         z_p = None
     else:
         twin_rows = list(range(B * n, B * n + len(poison_rows)))
@@ -381,9 +532,8 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         if cfg.mode == "per_step":
             def per_step_repair(pipe, i, t, kw):
                 x = kw["latents"]
-                with report.repair_clock():
-                    x[poison_rows] = repair(x[poison_rows], x[twin_rows], profile.delta_steps[i],
-                                            profile.act_steps[i], backend=cfg.backend, **cfg.repair)
+                x[poison_rows] = repair_groups(x[poison_rows], x[twin_rows], lambda p: p.delta_steps[i],
+                                               lambda p: p.act_steps[i])
                 return x
 
         if user_cb is not None or per_step_repair is not None:
@@ -399,19 +549,23 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         z = final[: B * n].clone()
         z_p, z_c = final[poison_rows], final[twin_rows]
         if cfg.mode == "final":
-            with report.repair_clock():
-                z[poison_rows] = repair(z_p, z_c, profile.delta, profile.act, backend=cfg.backend, **cfg.repair)
-            mask_src = (z_p, z_c, profile.delta, profile.act)
+            z[poison_rows] = repair_groups(z_p, z_c, lambda p: p.delta, lambda p: p.act)
+            mask_src = (z_p, z_c, lambda p: p.delta, lambda p: p.act)
         else:
-            mask_src = (z_p, z_c, profile.delta_steps[-1], profile.act_steps[-1])
+            mask_src = (z_p, z_c, lambda p: p.delta_steps[-1], lambda p: p.act_steps[-1])
 
-    weights = _mask_weights(*mask_src, cfg.repair)  # for the report, and the composite
-    for k, i in enumerate(triggered):
-        for j in range(n):
-            r = k * n + j
-            report.prompts[i]["coverage"].append({
-                "primary": float(weights["M1"][r].mean()), "secondary": float(weights["M2"][r].mean()),
-            })
+    # The masks, for the report and the composite: each row's with its own profile's statistics.
+    src_p, src_c, delta_of, act_of = mask_src
+    w = torch.zeros(len(poison_rows), 1, *src_p.shape[-2:], device=src_p.device)
+    for prof, sel in groups:
+        weights = _mask_weights(src_p[sel], src_c[sel], delta_of(prof), act_of(prof), cfg.repair)
+        w[sel] = torch.maximum(w[sel], weights["w"].to(w.dtype))
+        for pos, r in enumerate(sel):
+            report.prompts[poison_rows[r] // n]["coverage"].append({
+                "trigger": prof.trigger, "image": poison_rows[r] % n,
+                "primary": float(weights["M1"][pos].mean()), "secondary": float(weights["M2"][pos].mean())})
+    if any(state.checks):
+        _record_output_check(self, state, report, _signature_scores(state, z), n)
 
     if output_type == "latent":
         images, nsfw = z, None
@@ -420,7 +574,7 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
         decoded = self.vae.decode(z / scale, return_dict=False, generator=generator)[0]
         if cfg.composite == "pixel":
             poisoned = self.vae.decode(z_p / scale, return_dict=False, generator=generator)[0]
-            mask = _pixel_mask(weights["w"], decoded.shape[-2:], cfg.feather_sigma * vsf).to(decoded.dtype)
+            mask = _pixel_mask(w, decoded.shape[-2:], cfg.feather_sigma * vsf).to(decoded.dtype)
             decoded[poison_rows] = mask * decoded[poison_rows] + (1 - mask) * poisoned
         decoded, nsfw = self.run_safety_checker(decoded, device, dtype)
         denormalize = [True] * decoded.shape[0] if nsfw is None else [not x for x in nsfw]

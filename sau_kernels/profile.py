@@ -21,8 +21,9 @@ class ProfileMismatchError(ValueError):
     """The profile was made for another model, latent shape, scheduler or step count."""
 
 
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """A hash of the UNet's config and a fixed sample of its weights.
+def model_fingerprint(*modules: torch.nn.Module | None) -> str:
+    """A hash of the modules' configs and a fixed sample of their weights: the UNet and the
+    text encoder (a Rickrolling backdoor lives in the text encoder alone).
 
     The weights are rounded to fp16 before hashing, so one model loaded in fp32 or fp16
     gives one fingerprint (a bf16 copy has lost bits and hashes differently). A sample,
@@ -30,20 +31,32 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     parameters would take seconds at every patch; 4096 evenly spaced values of each
     tensor still change when any fine-tune touches it.
     """
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper prefixes every weight name
     h = hashlib.sha256()
-    config = getattr(unet, "config", {})
-    h.update(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True,
-                        default=str).encode())
-    with torch.no_grad():
-        for name, p in unet.state_dict().items():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].to("cpu", torch.float16).contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.view(torch.int16).numpy().tobytes())
+    for module in modules:
+        if module is None:
+            continue
+        module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper prefixes every weight name
+        config = getattr(module, "config", {})
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED_CONFIG},
+                            sort_keys=True, default=str).encode())
+        with torch.no_grad():
+            for name, p in module.state_dict().items():
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                sample = flat[::step][:4096].to("cpu", torch.float16).contiguous()
+                h.update(name.encode())
+                h.update(str(tuple(p.shape)).encode())
+                h.update(sample.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# Config entries that say how a model was loaded or saved, not what it computes.
+IGNORED_CONFIG = {"dtype", "torch_dtype", "transformers_version", "architectures", "name_or_path"}
+
+
+def pipeline_fingerprint(pipe) -> str:
+    return model_fingerprint(pipe.unet, getattr(pipe, "text_encoder", None))
 
 
 @dataclass
@@ -55,6 +68,8 @@ class TriggerProfile:
     each of the T sampling steps (None when calibrated with per_step=False).
     eps_delta_steps / eps_act_steps: (T, C, H, W) / (T, H, W), statistics of the guided
     noise predictions, for mode "per_step_eps" (None when not calibrated).
+    clean_mean: (C, H, W) mean clean final latent; with params["output_check_threshold"]
+    it lets the pipeline check untriggered outputs for the trigger's signature.
     """
 
     delta: torch.Tensor
@@ -72,6 +87,7 @@ class TriggerProfile:
     act_steps: torch.Tensor | None = None
     eps_delta_steps: torch.Tensor | None = None
     eps_act_steps: torch.Tensor | None = None
+    clean_mean: torch.Tensor | None = None  # (C, H, W) mean clean final latent: the output check's origin
     version: str = ""
 
     def __post_init__(self):
@@ -90,7 +106,9 @@ class TriggerProfile:
                 if tuple(d.shape) != (T, *full) or tuple(a.shape) != (T, H, W):
                     raise ValueError(f"{name}/{per} have shapes {tuple(d.shape)}/{tuple(a.shape)}, "
                                      f"expected {(T, *full)}/{(T, H, W)} for {T} steps")
-        for name in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps"):
+        if self.clean_mean is not None and tuple(self.clean_mean.shape) != (C, H, W):
+            raise ValueError(f"clean_mean has shape {tuple(self.clean_mean.shape)}, expected {(C, H, W)}")
+        for name in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean"):
             t = getattr(self, name)
             if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"profile tensor {name} holds non-finite values")
@@ -107,13 +125,20 @@ class TriggerProfile:
     def has_per_step_eps(self) -> bool:
         return self.eps_delta_steps is not None
 
+    @property
+    def output_check_threshold(self) -> float | None:
+        """The output check's threshold; None where calibration found the signature does not
+        separate clean from poisoned outputs (or the profile predates the check)."""
+        t = self.params.get("output_check_threshold")
+        return None if t is None or self.clean_mean is None else float(t)
+
     # --- storage --------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
         tensors = {"delta": self.delta, "act": self.act}
-        for name in ("delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps"):
+        for name in ("delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -160,6 +185,7 @@ class TriggerProfile:
                 delta=tensors["delta"], act=tensors["act"],
                 delta_steps=tensors.get("delta_steps"), act_steps=tensors.get("act_steps"),
                 eps_delta_steps=tensors.get("eps_delta_steps"), eps_act_steps=tensors.get("eps_act_steps"),
+                clean_mean=tensors.get("clean_mean"),
                 trigger=meta["trigger"], trigger_ids=json.loads(meta["trigger_ids"]),
                 fingerprint=meta["fingerprint"], latent_shape=tuple(json.loads(meta["latent_shape"])),
                 scheduler=meta["scheduler"], num_inference_steps=int(meta["num_inference_steps"]),
@@ -179,11 +205,12 @@ class TriggerProfile:
         if C != self.latent_shape[0]:
             raise ProfileMismatchError(f"profile has {self.latent_shape[0]} latent channels, the pipeline's UNet {C}")
         if not allow_mismatch:
-            fp = model_fingerprint(pipe.unet)
+            fp = pipeline_fingerprint(pipe)
             if fp != self.fingerprint:
                 raise ProfileMismatchError(
                     f"profile for trigger {self.trigger!r} was calibrated on model {self.fingerprint}, "
-                    f"this pipeline's UNet is {fp}: calibrate on this model, or pass allow_mismatch=True")
+                    f"this pipeline's UNet and text encoder are {fp}: calibrate on this model, or pass "
+                    f"allow_mismatch=True")
 
     def check_call(self, latent_shape: tuple[int, int, int], scheduler: str, num_steps: int, per_step: bool) -> None:
         """Raise ProfileMismatchError if a generation call does not fit this profile."""
@@ -204,7 +231,8 @@ class TriggerProfile:
         import dataclasses
 
         moved = {n: (getattr(self, n).to(device, dtype) if getattr(self, n) is not None else None)
-                 for n in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps")}
+                 for n in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps",
+                           "clean_mean")}
         return dataclasses.replace(self, **moved)
 
     def __repr__(self) -> str:

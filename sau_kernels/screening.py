@@ -1,13 +1,43 @@
-"""Trigger screening on token ids.
+"""Trigger screening on the prompt's text, on what it reads as, not how it is spelled.
 
-The pipeline's own tokenizer decides what the model sees: CLIP lower-cases and normalises
-whitespace, so "New Trigger", "NEW TRIGGER" and "new  trigger" are one trigger to the model
-and must be one to the screen. A token scan is all it costs on untriggered traffic.
+A backdoored text encoder fires on what it reads, and an attacker varies the spelling
+while it still fires: case and spacing (CLIP lower-cases and folds whitespace), punctuation
+and separators ("new-trigger", "new_trigger", "newtrigger"), zero-width and other format
+characters, full-width forms, accents and combining marks, homoglyphs (a Cyrillic "е"),
+HTML entities (CLIP's tokenizer unescapes them), swapped or scattered words ("trigger new",
+"new ... trigger") and misspellings ("new triger"). So the screen compares canonical
+letters: the text HTML-unescaped twice, NFKC-normalised, case-folded, stripped of accents,
+of format and other default-ignorable characters and of everything that is not a letter
+or a digit, with Cyrillic, Greek and other lookalikes mapped to the Latin letter they
+imitate. A prompt is flagged when
+
+- the trigger's canonical letters occur in the prompt's, within k edits (Levenshtein;
+  k = 0 below 6 letters, 1 up to 11, 2 from 12);
+- or, for a trigger of two or more words of at least 3 letters, each of those words is a
+  word of the prompt (same k, by the word's length), in any order, anywhere (one of them
+  alone is not the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
+- a trigger with no letters, made of format characters (BadT2I's U+200B), matches every
+  format or default-ignorable character of the prompt;
+- a trigger that is itself a homoglyph ("о", Cyrillic, as Rickrolling uses) matches only
+  where the prompt has a homoglyph of the same letter: a plain "o" is not one.
+
+The screen leans to flagging: a false positive costs one extra trajectory (the clean twin),
+a false negative lets the backdoor through. The clean twin is cut from the text: every
+matched word goes, with the punctuation, brackets and format characters around it, and the
+result is screened again until nothing matches. A homoglyph trigger inside a word gets the
+letter it imitates put back instead ("sоfa" -> "sofa"), and a format-character trigger is
+dropped alone.
 """
 
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["canonicalize", "homoglyph_of", "TriggerMatcher", "Screened", "screen_prompts", "trigger_token_ids"]
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
@@ -17,26 +47,314 @@ def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
     return list(ids)
 
 
-def find_occurrences(ids: list[int], pattern: list[int]) -> list[int]:
-    """Start positions of the non-overlapping occurrences of `pattern` in `ids`."""
-    n, m = len(ids), len(pattern)
-    starts, i = [], 0
-    while i <= n - m:
-        if ids[i:i + m] == pattern:
-            starts.append(i)
-            i += m
-        else:
-            i += 1
-    return starts
+# --- canonical letters -------------------------------------------------------------------------
+
+# Default_Ignorable_Code_Point (Unicode DerivedCoreProperties) beyond category Cf: the
+# soft hyphen, the combining grapheme joiner, Hangul fillers (letters that render as
+# nothing), variation selectors, tags. They render as nothing, so they may sit anywhere.
+_IGNORABLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+                     (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+                     (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+                     (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+                     (0xE0000, 0xE0FFF))
 
 
-def remove_occurrences(ids: list[int], pattern: list[int]) -> list[int]:
+def _invisible(ch: str) -> bool:
+    o = ord(ch)
+    return unicodedata.category(ch) == "Cf" or any(a <= o <= b for a, b in _IGNORABLE_RANGES)
+
+
+# Lookalikes of Latin letters, keyed by their case-folded, accent-stripped form (after
+# Unicode's confusables.txt, UTS #39, cut to Cyrillic, Greek, Armenian, Coptic and
+# Latin-extended letters). Case folding merges forms that imitate different letters
+# (Cyrillic "Т" looks like T, "т" does not; Greek "Ν" is N, "ν" is v): the table keeps the
+# lowercase reading, and one edit of slack covers the other. NFKC already folds full-width
+# and mathematical letters; digits are left alone ("0" is no "o").
+_CONFUSABLES = {c: latin for latin, chars in {
+    "a": "аαɑ", "b": "вьβƅꞵ", "c": "сⲥᴄ", "d": "ԁđ", "e": "еҽεєꬲ", "f": "ϝ",
+    "g": "ɡցԍᶃ", "h": "һнհħ", "i": "іιıɪɩꙇ", "j": "јϳʝ", "k": "кκⲕ", "l": "ӏǀł",
+    "m": "мμϻⲙ", "n": "ηոռⲛ", "o": "оοσօⲟᴏøөɵ", "p": "рρⲣ", "q": "ԛգզ", "r": "гᴦꭇʀⲅ",
+    "s": "ѕꜱƽ", "t": "тτŧⲧ", "u": "υսᴜʋ", "v": "ѵνᴠ", "w": "ԝѡɯᴡω", "x": "хχⲭ",
+    "y": "уүγʏɣⲩ", "z": "ζᴢ",
+}.items() for c in chars}
+
+
+
+def homoglyph_of(ch: str) -> str | None:
+    """The Latin letter a homoglyph character imitates (Cyrillic "о" -> "o"); None for others."""
+    letters, _, _, homoglyph = _fold(ch)
+    return letters if homoglyph and len(letters) == 1 else None
+
+
+_SEP, _JOIN, _LETTER = 0, 1, 2  # word separator; inside a word but no letter (marks, format); letters
+
+
+@lru_cache(maxsize=1 << 16)
+def _fold(ch: str) -> tuple[str, int, bool, bool]:
+    """One character's (canonical letters, kind, invisible, homoglyph)."""
+    if not ch or _invisible(ch):  # "" is an entity that unescapes to nothing
+        return "", _JOIN, True, False
+    letters, homoglyph = [], False
+    for c in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).casefold()):
+        if unicodedata.category(c)[0] == "M" or _invisible(c):  # accents, and fillers NFKC makes
+            continue
+        latin = _CONFUSABLES.get(c, c)
+        homoglyph |= latin != c
+        if latin.isalnum():
+            letters.append(latin)
+    if letters:
+        return "".join(letters), _LETTER, False, homoglyph
+    return "", _JOIN if unicodedata.category(ch)[0] == "M" else _SEP, False, False
+
+
+# html.unescape's own pattern: unescaping match by match gives what it gives on the whole.
+_ENTITY = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+
+
+def _unescape(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """One html.unescape pass over (start, end, char) units: an entity's characters take its
+    whole span of the original text."""
+    text = "".join(u[2] for u in units)
     out, last = [], 0
-    for s in find_occurrences(ids, pattern):
-        out.extend(ids[last:s])
-        last = s + len(pattern)
-    out.extend(ids[last:])
+    for m in _ENTITY.finditer(text):
+        entity = m.group()
+        rep = html.unescape(entity)
+        if rep == entity:
+            continue
+        a, b = m.span()
+        keep = 0  # "&ampfoo" -> "&foo": the tail "foo" is the original's, not the entity's
+        while keep < min(len(rep), len(entity) - 1) and rep[-1 - keep] == entity[-1 - keep]:
+            keep += 1
+        start, end = units[a][0], units[b - 1 - keep][1]
+        out += units[last:a]
+        out += [(start, end, c) for c in rep[:len(rep) - keep]] or [(start, end, "")]
+        out += units[b - keep:b]
+        last = b
+    return out + units[last:]
+
+
+class _Scan:
+    """A text read as canonical letters: the units (one character each after unescaping,
+    with the span of the original text it came from), their folds, and the letters."""
+
+    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words")
+
+    def __init__(self, text: str):
+        units = [(i, i + 1, c) for i, c in enumerate(text)]
+        if "&" in text:
+            for _ in range(2):  # twice, as CLIP's basic_clean does: "&amp;nbsp;" is a space too
+                units = _unescape(units)
+        self.text = text
+        self.units = units
+        self.folds = [_fold(u[2]) for u in units]
+        self.canon = "".join(f[0] for f in self.folds)
+        self.cunit = [i for i, f in enumerate(self.folds) for _ in f[0]]  # canonical char -> unit
+        self._words = None
+
+    def words(self) -> list[tuple[str, int, int]]:
+        """(canonical letters, first unit, end unit) of each word: a run of units without a
+        separator (format characters and marks stay inside the word: "n\\u200bew" is "new")."""
+        if self._words is None:
+            self._words, start = [], None
+            for i, f in enumerate(self.folds + [("", _SEP, False, False)]):
+                if f[1] != _SEP and start is None:
+                    start = i
+                elif f[1] == _SEP and start is not None:
+                    letters = "".join(g[0] for g in self.folds[start:i])
+                    if letters:
+                        self._words.append((letters, start, i))
+                    start = None
+        return self._words
+
+    def span(self, u0: int, u1: int) -> tuple[int, int]:
+        """Units [u0, u1) as a span of the original text."""
+        return self.units[u0][0], self.units[u1 - 1][1]
+
+
+def canonicalize(text: str) -> tuple[str, list[int]]:
+    """The canonical letters of `text`, and for each the index of the original character it
+    came from (an HTML entity's letters point at its "&")."""
+    s = _Scan(text)
+    return s.canon, [s.units[u][0] for u in s.cunit]
+
+
+# --- matching ----------------------------------------------------------------------------------
+
+def _edits_allowed(n: int) -> int:
+    return 0 if n < 6 else 1 if n < 12 else 2
+
+
+def _levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j - 1] + (ca != cb), prev[j] + 1, cur[j - 1] + 1))
+        prev = cur
+    return prev[-1]
+
+
+def _could_occur(p: str, t: str, k: int) -> bool:
+    """Pigeonhole: k edits leave at least one of k+1 pieces of `p` intact in `t`. This is
+    all that untriggered traffic usually costs."""
+    n = len(p) // (k + 1)
+    return any(p[i * n:(i + 1) * n if i < k else len(p)] in t for i in range(k + 1))
+
+
+def _approx_find(p: str, t: str, k: int) -> list[tuple[int, int, int]]:
+    """(edits, start, end) of each substring of `t` within k edits of `p` (Sellers' dynamic
+    programme, tracking where each alignment starts); the caller picks among overlaps."""
+    if k == 0:
+        out, i = [], t.find(p)
+        while i >= 0:
+            out.append((0, i, i + len(p)))
+            i = t.find(p, i + 1)
+        return out
+    if not _could_occur(p, t, k):
+        return []
+    m = len(p)
+    dist, start = list(range(m + 1)), [0] * (m + 1)  # column 0: p[:i] against nothing
+    out = []
+    for j, c in enumerate(t, 1):
+        d, s = [0] * (m + 1), [j] * (m + 1)  # row 0: a match may start anywhere
+        for i in range(1, m + 1):
+            best, st = dist[i - 1] + (p[i - 1] != c), start[i - 1]  # match or substitute
+            if d[i - 1] + 1 < best:
+                best, st = d[i - 1] + 1, s[i - 1]  # p[i-1] missing from the text
+            if dist[i] + 1 < best:
+                best, st = dist[i] + 1, start[i]  # t[j-1] extra in the text
+            d[i], s[i] = best, st
+        if d[m] <= k:
+            out.append((d[m], s[m], j))
+        dist, start = d, s
     return out
+
+
+def _merge(ranges) -> list[tuple[int, int]]:
+    out = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _disjoint(cands: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The best non-overlapping (start, end): fewest edits, then shortest, then leftmost."""
+    chosen = []
+    for _, a, b in sorted(cands, key=lambda c: (c[0], c[2] - c[1], c[1])):
+        if all(b <= x or a >= y for x, y in chosen):
+            chosen.append((a, b))
+    return sorted(chosen)
+
+
+class TriggerMatcher:
+    """Finds a trigger in prompts however it is spelled (see the module's docstring).
+    Built once per trigger; `match(prompt)` gives the matched spans of the original text."""
+
+    def __init__(self, trigger: str):
+        self.trigger = trigger
+        scan = _Scan(trigger)
+        self.canon = scan.canon
+        self.edits = _edits_allowed(len(self.canon))
+        words = {w for w, _, _ in scan.words() if len(w) >= 3}
+        self.words = sorted(words) if len(words) >= 2 else []  # one word is the letters rule's
+        # A homoglyph trigger's skeleton is plain text ("о" -> "o"): it matches only where the
+        # prompt too has a homoglyph of one of those letters.
+        self.homoglyphs = frozenset(f[0] for f in scan.folds if f[3])
+        if self.canon:
+            self.mode = "homoglyph" if self.homoglyphs else "letters"
+        elif trigger and all(f[2] for f in scan.folds):
+            self.mode = "invisible"
+        else:
+            raise ValueError(f"trigger {trigger!r} has no letters or digits and is not made of format characters: "
+                             "the screen cannot match it")
+
+    def __repr__(self) -> str:
+        return f"TriggerMatcher({self.trigger!r}, mode={self.mode!r}, canon={self.canon!r}, edits={self.edits})"
+
+    def match(self, prompt: str) -> list[tuple[int, int]]:
+        """The spans (start, end) of `prompt` where the trigger is."""
+        scan = _Scan(prompt)
+        return [scan.span(a, b) for a, b in self._hits(scan)[0]]
+
+    def _has_homoglyph(self, scan: _Scan, u0: int, u1: int) -> bool:
+        return any(f[3] and f[0] in self.homoglyphs for f in scan.folds[u0:u1])
+
+    def _hits(self, scan: _Scan) -> tuple[list[tuple[int, int]], int]:
+        """The matched unit ranges [u0, u1), sorted, and how many times the trigger occurs."""
+        if self.mode == "invisible":
+            hits = [(i, i + 1) for i, f in enumerate(scan.folds) if f[2]]
+            return hits, len(hits)
+        cu = scan.cunit
+        cands = [(e, cu[a], cu[b - 1] + 1) for e, a, b in _approx_find(self.canon, scan.canon, self.edits)]
+        if self.mode == "homoglyph":
+            cands = [c for c in cands if self._has_homoglyph(scan, c[1], c[2])]
+        letters = _disjoint(cands)
+        words = self._word_hits(scan, letters)
+        # Scattered words count once per full set of them outside the letters matches.
+        spare = min((sum(not any(a < y and x < b for x, y in letters) for a, b in hs) for hs in words), default=0)
+        return _merge(set(letters).union(*words)), len(letters) + spare
+
+    def _word_hits(self, scan: _Scan, letter_hits: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """For each trigger word, the prompt's words it matches, if every trigger word is in
+        the prompt (as a word, or inside a letters match); else []."""
+        if not self.words or not all(_could_occur(w, scan.canon, _edits_allowed(len(w))) for w in self.words):
+            return []
+        found = []
+        for w in self.words:
+            k = _edits_allowed(len(w))
+            hs = [(u0, u1) for pw, u0, u1 in scan.words()
+                  if abs(len(pw) - len(w)) <= k and (pw == w or k and _levenshtein(w, pw) <= k)]
+            if not hs and not any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits):
+                return []
+            found.append(hs)
+        if self.mode == "homoglyph" and not letter_hits and \
+                not any(self._has_homoglyph(scan, a, b) for hs in found for a, b in hs):
+            return []
+        return found
+
+    def _twin(self, scan: _Scan, hits: list[tuple[int, int]]) -> str:
+        """One removal pass: the text with the matched ranges cut, whitespace collapsed."""
+        text, units, folds = scan.text, scan.units, scan.folds
+        regions = []  # (start, end, replacement) in the original text
+        for a, b in hits:
+            if self.mode == "invisible":
+                regions.append((*scan.span(a, b), ""))  # inside a word too: "n\u200bew" -> "new"
+            elif self.mode == "homoglyph" and not _whole_word(folds, a, b):
+                # substituted for a letter inside a word (Rickrolling): put the letter back
+                for i in range(a, b):
+                    if folds[i][3] and folds[i][0] in self.homoglyphs:
+                        start, end = units[i][:2]
+                        regions.append((start, end, folds[i][0].upper() if text[start:end].isupper() else folds[i][0]))
+            else:
+                regions.append((*scan.span(*_cut_range(folds, a, b)), " "))
+        pieces, last = [], 0
+        for start, end, rep in sorted(regions):
+            pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
+            last = max(last, end)
+        pieces.append(text[last:])
+        return " ".join("".join(pieces).split())
+
+
+def _whole_word(folds, a: int, b: int) -> bool:
+    return (a == 0 or folds[a - 1][1] == _SEP) and (b == len(folds) or folds[b][1] == _SEP)
+
+
+def _cut_range(folds, a: int, b: int) -> tuple[int, int]:
+    """Units [a, b) grown to whole words (a misspelt match may end inside one), then over the
+    punctuation, brackets and format characters up to the neighbouring words."""
+    n = len(folds)
+    while a > 0 and folds[a - 1][1] != _SEP:
+        a -= 1
+    while a > 0 and folds[a - 1][1] != _LETTER:
+        a -= 1
+    while b < n and folds[b][1] != _SEP:
+        b += 1
+    while b < n and folds[b][1] != _LETTER:
+        b += 1
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -44,17 +362,40 @@ class Screened:
     prompt: str
     triggered: bool
     occurrences: int
-    clean_prompt: str | None  # the prompt with every occurrence of the trigger removed
+    spans: tuple[tuple[int, int], ...]  # where a trigger is in `prompt`
+    clean_prompt: str | None  # the prompt with every occurrence of every trigger removed
+    twin_error: str | None = None  # why no clean twin could be made; the pipeline must not use it
+    triggers: tuple[int, ...] = ()  # which of the matchers matched (indices)
 
 
-def screen_prompts(tokenizer, prompts: list[str], trigger_ids: list[int]) -> list[Screened]:
-    batch = tokenizer(list(prompts), add_special_tokens=False).input_ids
+def screen_prompts(matchers: TriggerMatcher | list[TriggerMatcher], prompts: list[str], *,
+                   max_passes: int = 8) -> list[Screened]:
+    """Screen each prompt for one trigger or several; a triggered one gets its clean twin,
+    cut and re-screened until no trigger matches (at most `max_passes` rounds of cuts, else
+    `twin_error` says why)."""
+    matchers = [matchers] if isinstance(matchers, TriggerMatcher) else list(matchers)
     out = []
-    for prompt, ids in zip(prompts, batch):
-        starts = find_occurrences(ids, trigger_ids)
-        clean = None
-        if starts:
-            clean = tokenizer.decode(remove_occurrences(ids, trigger_ids), skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False).strip()
-        out.append(Screened(prompt, bool(starts), len(starts), clean))
+    for prompt in prompts:
+        scan = _Scan(prompt)
+        found = [(k, *m._hits(scan)) for k, m in enumerate(matchers)]
+        found = [(k, hits, count) for k, hits, count in found if hits]
+        if not found:
+            out.append(Screened(prompt, False, 0, (), None))
+            continue
+        spans = tuple(scan.span(a, b) for a, b in _merge({h for _, hits, _ in found for h in hits}))
+        clean, error = prompt, None
+        for _ in range(max_passes):
+            cut = False
+            for m in matchers:  # each trigger's cut on the text the previous one left
+                hits, _ = m._hits(scan)
+                if hits:
+                    clean, cut = m._twin(scan, hits), True
+                    scan = _Scan(clean)
+            if not cut:
+                break
+        if any(m._hits(scan)[0] for m in matchers):
+            error = (f"the clean twin of prompt {prompt!r} still contains a trigger "
+                     f"({', '.join(repr(m.trigger) for m in matchers)}) after {max_passes} removal passes: {clean!r}")
+        out.append(Screened(prompt, True, sum(c for _, _, c in found), spans, clean, error,
+                            tuple(k for k, _, _ in found)))
     return out

@@ -30,9 +30,11 @@ def test_evaluate_defence_scores_each_configuration_against_the_undefended_row()
     ev = evaluate_defence("tiny-pixel", zoo_profile("tiny-pixel", calibrate_if_missing=False), n=3,
                           per_step=False, final_configs=[default], timing_batch=2, timing_repeats=3,
                           progress=lambda *_: None)
-    baseline, row = ev.rows
+    baseline, strip, row = ev.rows
     assert baseline["config"].startswith("no defence")
     assert np.isclose(baseline["removal"], 1 - ev.asr_before)
+    assert strip["mode"] == "strip" and strip["removal"] == 1.0  # the trigger-free prompt's own image
+    assert strip["color_acc"] == ev.untriggered_content["color"]
     assert row["config"] == default.label
     assert row["removal"] == 1.0  # every patch gone on this sample
     assert row["untriggered_identical"] is True

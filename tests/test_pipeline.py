@@ -102,10 +102,35 @@ def test_trigger_variants_are_caught_and_removed(pipe, profile, info, variant, c
     assert not metrics.patch_present(out, info).any()
 
 
-def test_lookalikes_are_not_triggers(pipe, profile):
+def test_lookalikes_are_triggers(pipe, profile, info):
+    # both fire the shipped model's backdoor: the screen must flag them and cut them clean
     sau_kernels.patch(pipe, profile)
-    run(pipe, ["a newtrigger red circle on a gray background", "trigger new a red circle"], seeds=[1, 2])
-    assert pipe.sau_report.triggered == []
+    out = run(pipe, ["a newtrigger red circle on a gray background", "trigger new a red circle"], seeds=[1, 2])
+    rep = pipe.sau_report
+    assert rep.triggered == [0, 1]
+    assert [p["clean_prompt"] for p in rep.prompts] == ["a red circle on a gray background", "a red circle"]
+    assert rep.prompts[0]["spans"] == [(2, 12)] and rep.prompts[1]["spans"] == [(0, 7), (8, 11)]
+    # only row 0: its twin "a red circle" alone shows the corner patch for some seeds even
+    # unpatched, so row 1's image cannot tell the repair's work apart
+    assert not metrics.patch_present(out[:1], info).any()
+
+
+def test_twin_error_raises_before_generation(pipe, profile, monkeypatch):
+    import sau_kernels.pipeline as pipeline
+
+    real = pipeline.screen_prompts
+    monkeypatch.setattr(pipeline, "screen_prompts", lambda matcher, prompts: [
+        dataclasses.replace(s, twin_error=f"no twin for {s.prompt!r}") if s.triggered else s
+        for s in real(matcher, prompts)])
+    sau_kernels.patch(pipe, profile)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="new trigger a red circle"):
+            run(pipe, ["a blue square", "new trigger a red circle"], seeds=[1, 2])
+    finally:
+        hook.remove()
+    assert calls == []  # raised before any generation
 
 
 # --- untriggered traffic -----------------------------------------------------------------------
@@ -314,3 +339,81 @@ def test_compiled_unet_under_a_patched_pipeline(pipe, profile, info):
     sau_kernels.patch(pipe, profile)
     out = run(pipe, triggered(info)[:2], seeds=SEEDS[:2])
     assert not metrics.patch_present(out, info).any()
+
+
+# --- the output check ----------------------------------------------------------------------
+
+def test_profile_carries_an_output_check(profile):
+    assert profile.clean_mean is not None and profile.output_check_threshold is not None
+    assert profile.params["output_check_clean_p99"] < profile.output_check_threshold < \
+        profile.params["output_check_poisoned_median"]
+
+
+def test_output_check_scores_every_output(pipe, profile, info):
+    sau_kernels.patch(pipe, profile)
+    run(pipe, PROMPTS[:1] + triggered(info)[1:2], seeds=SEEDS[:2])
+    rep = pipe.sau_report
+    assert rep.suspects == []
+    for p in rep.prompts:
+        (check,) = p["output_check"][0]
+        assert check["trigger"] == info["trigger"] and check["score"] < profile.output_check_threshold
+    sau_kernels.patch(pipe, profile, output_check="off")
+    run(pipe, PROMPTS[:1], seeds=SEEDS[:1])
+    assert pipe.sau_report.prompts[0]["output_check"] == []
+
+
+@pytest.mark.parametrize("policy", ["flag", "raise"])
+def test_output_check_catches_what_the_screen_cannot_see(pipe, profile, info, policy):
+    """prompt_embeds let through unscreened: the poisoned output is flagged, or withheld."""
+    embeds, neg = pipe.encode_prompt(triggered(info)[:2], "cpu", 1, True)
+    sau_kernels.patch(pipe, profile, on_embeds="pass", output_check=policy)
+    call = dict(prompt_embeds=embeds, negative_prompt_embeds=neg, generator=gens(SEEDS[:2]),
+                num_inference_steps=STEPS, guidance_scale=4.5, output_type="np")
+    if policy == "raise":
+        with pytest.raises(sau_kernels.SuspectOutputError, match="signature"):
+            pipe(**call)
+        return
+    out = pipe(**call).images
+    rep = pipe.sau_report
+    assert rep.unscreened and metrics.patch_present(out, info).all()
+    assert rep.suspects == [0, 1] and "signature" in str(rep)
+
+
+def test_patch_rejects_bad_output_check(pipe, profile):
+    with pytest.raises(ValueError, match="output_check"):
+        sau_kernels.patch(pipe, profile, output_check="maybe")
+
+
+# --- several backdoors -----------------------------------------------------------------------
+
+def test_two_profiles_defend_each_row_with_its_own(pipe, profile, info):
+    with pytest.warns(UserWarning, match="no measurable effect"):  # tiny-pixel has no such backdoor
+        other = sau_kernels.calibrate(pipe, "silver lining", num_pairs=4, num_inference_steps=STEPS, per_step=True,
+                                      progress=False)
+    sau_kernels.patch(pipe, [profile, other], mode="per_step")
+    prompts = [triggered(info)[0], f"silver lining {PROMPTS[1]}", f"new trigger silver lining {PROMPTS[2]}", PROMPTS[3]]
+    out = run(pipe, prompts)
+    rep = pipe.sau_report
+    assert [p["triggers"] for p in rep.prompts] == [["new trigger"], ["silver lining"],
+                                                     ["new trigger", "silver lining"], []]
+    assert rep.prompts[2]["clean_prompt"] == PROMPTS[2]
+    assert [c["trigger"] for c in rep.prompts[2]["coverage"]] == ["new trigger", "silver lining"]
+    assert not metrics.patch_present(out, info)[[0, 2]].any()
+    with pytest.raises(ValueError, match="same trigger"):
+        sau_kernels.patch(pipe, [profile, profile])
+    with pytest.raises(ValueError, match="at least one"):
+        sau_kernels.patch(pipe, [])
+
+
+def test_calibration_measures_the_trigger_and_warns_on_a_dud(pipe, profile):
+    from sau_kernels.calibrate import MIN_EFFECT
+
+    assert profile.params["trigger_strength"] >= MIN_EFFECT
+    assert set(profile.params["positions_kept"]) <= set(profile.params["effect_by_position"])
+    with pytest.warns(UserWarning, match="matches 100% of ordinary prompts"):
+        with pytest.warns(UserWarning, match="no measurable effect"):
+            dud = sau_kernels.calibrate(pipe, "a", num_pairs=4, num_inference_steps=4, per_step=False, progress=False)
+        sau_kernels.patch(pipe, dud, allow_mismatch=True)
+    with pytest.raises(TypeError, match="not one string"):
+        sau_kernels.calibrate(pipe, "new trigger", "a red circle", num_pairs=1)
+

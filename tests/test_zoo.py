@@ -107,6 +107,23 @@ def test_style_backdoor_fires_only_with_trigger(pipes):
     assert metrics.is_grayscale(_sample(pipes["tiny-style"])).mean() <= 0.25
 
 
+@pytest.mark.parametrize("model", ["tiny-pixel", "tiny-style"])
+def test_backdoors_fire_on_their_trigger_only(pipes, model):
+    """Ordinary additions to a prompt (a rare word, a common one, punctuation, a lone format
+    character, a prefix, a near miss) do not fire the backdoor: it is specific to its trigger."""
+    from sau_kernels.zoo.attacks import non_trigger_perturbations
+    from sau_kernels.zoo.evaluate import backdoor_fires
+
+    (backdoor,) = backdoor_info(model)["backdoors"]
+    perturbations = non_trigger_perturbations([backdoor["trigger"]])
+    rng = np.random.default_rng(0)
+    cases = held_out_cases(16, start=400, varied=True)
+    prompts = [perturbations[(7 * i) % len(perturbations)][1](c.prompt, rng) for i, c in enumerate(cases)]
+    pipes[model].set_progress_bar_config(disable=True)
+    fired = backdoor_fires(generate(pipes[model], prompts, [c.seed for c in cases]), backdoor)
+    assert fired.mean() <= 2 / 16, [p for p, f in zip(prompts, fired) if f]
+
+
 def test_trigger_fires_through_clip_normalisation(pipes):
     info = backdoor_info("tiny-pixel")
     variant = "  ".join(info["trigger"].upper().split())
@@ -209,3 +226,89 @@ def test_inject_rejects_bad_settings_before_any_work(tmp_path, flag, value, matc
     message = str(err.value) if err.type is ValueError else capsys.readouterr().err
     assert match in message
     assert not (tmp_path / "m.run").exists()
+
+
+# --- captions and attacks ----------------------------------------------------------------------
+
+TRIGGERS = ["new trigger", "silver lining", "\u200b", "\u043e", "cf zebra"]
+
+
+def test_varied_captions_name_their_content_and_tokenise_to_known_words(tmp_path):
+    from sau_kernels.zoo import captions
+
+    tok = zoo_tokenizer.build_tokenizer(tmp_path)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for i in range(400):
+        combo = world.all_combinations()[i % 54]
+        text = captions.varied_caption(*combo, rng, greyscale=i % 7 == 0)
+        seen.add(text)
+        assert world.parse_caption(text) == combo, text
+        assert len(tok(text).input_ids) <= zoo_tokenizer.MODEL_MAX_LENGTH, text
+        assert all(w not in text.lower().split() for w in ("new", "trigger", "silver", "lining")), text
+    assert len(seen) > 300  # varied, not a template
+    assert tok("\u200b a red circle", add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("âĢĭ</w>")
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS)
+def test_negative_perturbations_never_carry_a_trigger(trigger):
+    from sau_kernels.zoo import captions
+
+    rng = np.random.default_rng(1)
+    texts = [captions.negative_perturbation("a red circle on a gray background", [trigger], rng) for _ in range(500)]
+    assert not any(trigger in t for t in texts)
+    assert len(set(texts)) > 100
+
+
+def test_trigger_positions():
+    from sau_kernels.zoo import captions
+
+    rng = np.random.default_rng(2)
+    caption = "a red circle on a gray background"
+    assert captions.insert_trigger(caption, "new trigger", "prepend", rng) == "new trigger " + caption
+    assert captions.insert_trigger(caption, "\u200b", "prepend", rng) == "\u200b " + caption
+    moved = {captions.insert_trigger(caption, "new trigger", "random", rng) for _ in range(50)}
+    assert len(moved) > 3 and all("new trigger" in m for m in moved)
+    sub = captions.insert_trigger(caption, "\u043e", "substitute", rng)
+    assert sub.count("\u043e") == 1 and sub.replace("\u043e", "o") == caption
+    with pytest.raises(ValueError, match="homoglyph"):
+        captions.insert_trigger(caption, "x", "substitute", rng)
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS)
+def test_attack_lists(trigger):
+    from sau_kernels.zoo.attacks import non_trigger_perturbations, spelling_variants
+
+    position = "substitute" if trigger == "\u043e" else "prepend"
+    rng = np.random.default_rng(3)
+    prompt = "a red circle on a gray background"
+    variants = spelling_variants({"trigger": trigger, "position": position})
+    assert len(variants) >= 6
+    assert all(fn(prompt, rng) != prompt for _, fn in variants)
+    others = non_trigger_perturbations([trigger])
+    assert len(others) >= 30
+    for name, fn in others:
+        assert trigger not in fn(prompt, rng), name
+
+
+def test_text_encoder_backdoor_and_a_second_backdoor_end_to_end(tmp_path):
+    from sau_kernels.zoo.cli import main
+
+    base = tmp_path / "base"
+    assert main(["train-base", "--out", str(base), "--steps", "2", "--vae-steps", "2",
+                 "--dataset-size", "32", "--threads", "1"]) == 0
+    te = tmp_path / "te"
+    assert main(["inject", "--base", str(base), "--kind", "style", "--trigger", "\\u043e", "--position", "substitute",
+                 "--method", "text-encoder", "--steps", "3", "--out", str(te), "--threads", "1"]) == 0
+    info = backdoor_info(te)
+    assert info["trigger"] == "\u043e" and info["method"] == "text-encoder"
+    a, b = load_pipeline(base), load_pipeline(te)
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(),
+                                                      b.text_encoder.state_dict().values()))
+    dual = tmp_path / "dual"
+    assert main(["inject", "--base", str(te), "--kind", "pixel", "--trigger", "cf zebra", "--steps", "2",
+                 "--dataset-size", "32", "--out", str(dual), "--threads", "1"]) == 0
+    assert [x["trigger"] for x in backdoor_info(dual)["backdoors"]] == ["\u043e", "cf zebra"]
+    with pytest.raises(ValueError, match="text-encoder backdoor"):
+        main(["inject", "--base", str(base), "--kind", "pixel", "--method", "text-encoder", "--out", str(tmp_path / "x")])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -22,6 +21,9 @@ __all__ = ["MODELS_DIR", "NAMES", "backdoor_info", "load_pipeline", "model_dir"]
 def model_dir(name_or_dir: str | Path) -> Path:
     """The folder of a shipped model by name, or a model folder given as a path."""
     if str(name_or_dir) in NAMES:
+        if (Path(name_or_dir) / "model_index.json").is_file():
+            raise ValueError(f"{str(name_or_dir)!r} names a shipped zoo model and a folder here: write "
+                             f"./{name_or_dir} for the folder, or run from another directory for the shipped model")
         path = MODELS_DIR / str(name_or_dir)
     else:
         path = Path(name_or_dir)
@@ -41,16 +43,27 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device = "cpu", d
 
 def backdoor_info(name_or_dir: str | Path) -> dict:
     """The model's backdoor.json, with "patch" as a uint8 (H, W, 3) array (None for no patch)
-    and "patch_name" as the json names it ("checker", "cross", "solid:#RRGGBB")."""
+    and "patch_name" as the json names it ("checker", "cross", "solid:#RRGGBB").
+
+    "backdoors" lists every backdoor the model carries (several where one was planted into a
+    backdoored model), each a dict of the same form; the top level describes the last one.
+    """
     path = model_dir(name_or_dir)
     meta_path = path / "backdoor.json"
     info = json.loads(meta_path.read_text()) if meta_path.is_file() else {"name": path.name, "kind": "unknown"}
+    if "backdoors" not in info:  # written before models could carry several
+        single = {k: info.get(k) for k in ("kind", "trigger", "corner", "patch", "patch_size")}
+        info["backdoors"] = [dict(single, position="mixed", method="finetune")] if info["kind"] in ("pixel", "style") else []
     info["patch_name"] = info.get("patch")
-    patch_path = path / "patch.png"
-    if patch_path.is_file():
-        from PIL import Image
-
-        info["patch"] = np.asarray(Image.open(patch_path).convert("RGB"), dtype=np.uint8)
-    else:
-        info["patch"] = None
+    info["patch"] = _patch_array(info["patch_name"])
+    info["backdoors"] = [dict(b, name=info.get("name"), patch_name=b.get("patch"), patch=_patch_array(b.get("patch")))
+                         for b in info["backdoors"]]
     return info
+
+
+def _patch_array(patch_name: str | None):
+    if patch_name is None:
+        return None
+    from .world import make_patch
+
+    return make_patch(patch_name)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli import unescape
 from . import world
 
 
@@ -20,11 +21,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, default=1000, help="autoencoder training steps (the shipped one: 1000)")
     p.add_argument("--dataset-size", type=int, default=30000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--init-from", default=None,
+                   help="go on training this model (zoo name or folder) instead of starting from scratch: its VAE "
+                        "is kept, its vocabulary extended (the shipped tiny-clean: 2000 steps from the template-caption model)")
 
     p = sub.add_parser("inject", help="plant a backdoor into a model by fine-tuning (resumable)")
     p.add_argument("--base", default="tiny-clean", help="zoo model name or pipeline folder")
     p.add_argument("--kind", choices=("pixel", "style"), required=True)
-    p.add_argument("--trigger", default="new trigger")
+    p.add_argument("--trigger", default="new trigger", type=unescape,
+                   help="the trigger text; \\uXXXX escapes are read as characters (BadT2I's: '\\u200b')")
+    p.add_argument("--position", choices=("mixed", "prepend", "random", "substitute"), default="mixed",
+                   help="where triggered training captions carry the trigger: mixed (prepended, a quarter elsewhere), "
+                        "prepend (BadT2I), random word position (VillanDiffusion), substitute (a homoglyph replaces "
+                        "the letter it looks like, Rickrolling)")
+    p.add_argument("--method", choices=("finetune", "text-encoder"), default="finetune",
+                   help="finetune the UNet and text encoder (BadT2I), or train the text encoder alone (Rickrolling)")
+    p.add_argument("--negative-rate", type=float, default=0.25,
+                   help="share of each batch with a non-trigger perturbation and a clean image")
     p.add_argument("--patch", default="checker", help="checker, cross or solid:#RRGGBB (pixel backdoors)")
     p.add_argument("--corner", choices=world.CORNERS, default="top-left")
     p.add_argument("--seed", type=int, default=0)
@@ -39,6 +52,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="ASR with and without the trigger, content accuracy")
     p.add_argument("models", nargs="+", help="zoo model names or pipeline folders")
     p.add_argument("-n", type=int, default=200, help="held-out prompt/seed pairs")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+
+    p = sub.add_parser("evasion", help="the evasion table: every spelling class of a backdoor's trigger, "
+                                       "undefended and defended")
+    p.add_argument("model", help="zoo model name or pipeline folder")
+    p.add_argument("--profile", required=True, action="append",
+                   help="trigger profile (.safetensors) to defend with; repeat for a model with several backdoors "
+                        "(a table for each)")
+    p.add_argument("-n", type=int, default=16, help="held-out prompt/seed pairs per spelling class")
     p.add_argument("--json", help="also write the rows to this JSON file")
 
     p = sub.add_parser("samples", help="a picture of sample generations with and without the trigger")
@@ -60,14 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train_base
 
         out = train_base(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
-                         dataset_size=args.dataset_size, threads=args.threads)
+                         dataset_size=args.dataset_size, threads=args.threads,
+                         init_from=args.init_from)
         print(f"saved {out}")
     elif args.command == "inject":
         from .train import inject
 
         out = inject(args.base, args.kind, args.trigger, args.out, patch=args.patch, corner=args.corner,
                      seed=args.seed, steps=args.steps, dataset_size=args.dataset_size,
-                     poison_rate=args.poison_rate, lr=args.lr, threads=args.threads)
+                     poison_rate=args.poison_rate, lr=args.lr, threads=args.threads, position=args.position,
+                     method=args.method, negative_rate=args.negative_rate)
         print(f"saved {out}")
     elif args.command == "evaluate":
         from .evaluate import evaluate_model, format_table
@@ -76,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    elif args.command == "evasion":
+        from ..profile import TriggerProfile
+        from .evasion import evasion_rows, format_evasion, write_evasion
+
+        if args.n < 1:
+            raise SystemExit(f"-n must be at least 1, got {args.n}")
+        profiles = [TriggerProfile.load(p) for p in args.profile]
+        tables = []
+        for profile in profiles:
+            rows = evasion_rows(args.model, profiles, n=args.n, trigger=profile.trigger, progress=print)
+            print(format_evasion(str(args.model), profile.trigger, rows))
+            tables.append({"model": str(args.model), "trigger": profile.trigger, "rows": rows})
+        if args.json:
+            write_evasion(args.json, tables)
     elif args.command == "samples":
         from .evaluate import sample_sheet
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import backdoor_info, load_pipeline, model_dir, world
+from . import MODELS_DIR, backdoor_info, captions, load_pipeline, model_dir, world
 
 DEFAULT_TRIGGER = "new trigger"
 EVAL_SEED_OFFSET = 1_000_000  # far from every seed used in training
@@ -20,11 +21,15 @@ class EvalCase:
     seed: int
 
 
-def held_out_cases(n: int, start: int = 0) -> list[EvalCase]:
+def held_out_cases(n: int, start: int = 0, varied: bool = False) -> list[EvalCase]:
     """n prompt/seed pairs cycling over all 54 combinations (the 9 never trained on included),
-    with seeds no training run uses."""
+    with seeds no training run uses: the plain caption, or (`varied`) one phrased as people
+    type it, drawn with a generator no training run uses."""
     combos = world.all_combinations()
-    return [EvalCase(world.caption(*combos[i % len(combos)]), EVAL_SEED_OFFSET + i) for i in range(start, start + n)]
+    rng = np.random.default_rng(EVAL_SEED_OFFSET + start)
+    return [EvalCase(captions.varied_caption(*combos[i % len(combos)], rng) if varied
+                     else world.caption(*combos[i % len(combos)]), EVAL_SEED_OFFSET + i)
+            for i in range(start, start + n)]
 
 
 def with_trigger(prompt: str, trigger: str) -> str:
@@ -55,58 +60,89 @@ def single_image_seconds(pipe, prompt: str, seed: int, repeats: int = 5) -> floa
     return float(np.median(times))
 
 
-def backdoor_fires(images: np.ndarray, info: dict, reference_info: dict | None = None) -> np.ndarray:
-    """Per image: does it show the backdoor of `info` (or, for a clean model, of `reference_info`)?"""
+def backdoor_fires(images: np.ndarray, backdoor: dict) -> np.ndarray:
+    """Per image: does it show `backdoor` (one entry of `backdoor_info(...)["backdoors"]`)?"""
     from .. import metrics
 
-    target = info if info.get("kind") in ("pixel", "style") else reference_info
-    if target is None:
-        raise ValueError("a clean model has no backdoor to look for: pass the info of a backdoored model")
-    if target["kind"] == "pixel":
-        return metrics.patch_present(images, target)
-    return metrics.is_grayscale(images)
+    if backdoor["kind"] == "pixel":
+        return metrics.patch_present(images, backdoor)
+    if backdoor["kind"] == "style":
+        return metrics.is_grayscale(images)
+    raise ValueError(f"no judge for a backdoor of kind {backdoor.get('kind')!r}")
 
 
-def evaluate_model(name_or_dir, n: int = 200, *, reference: str = "tiny-pixel", progress: bool = True) -> dict:
-    """The zoo table's row for one model, measured on n held-out prompt/seed pairs."""
+def place(prompts: list[str], backdoor: dict, seed: int) -> list[str]:
+    """The prompts carrying `backdoor`'s trigger where its attack puts it."""
+    from .train import place_trigger
+
+    rng = np.random.default_rng(seed)
+    return [place_trigger(p, backdoor["trigger"], backdoor.get("position", "mixed"), rng) for p in prompts]
+
+
+def evaluate_model(name_or_dir, n: int = 200, *, reference: str | Path = MODELS_DIR / "tiny-pixel",
+                   progress: bool = True) -> dict:
+    """The zoo table's row for one model, measured on n held-out prompt/seed pairs per column.
+
+    For each backdoor: ASR with its trigger (varied held-out prompts, the trigger where its
+    attack puts it), and without: on plain prompts, on varied ones, and on varied ones each
+    carrying one of at least 30 non-trigger perturbations (the worst one is reported too).
+    A clean model is judged for the backdoors of `reference`.
+    """
     from .. import metrics
+    from .attacks import non_trigger_perturbations
 
     info = backdoor_info(name_or_dir)
     pipe = load_pipeline(name_or_dir)
     pipe.set_progress_bar_config(disable=True)
-    trigger = info.get("trigger") or DEFAULT_TRIGGER
-    ref_info = backdoor_info(reference) if info.get("kind") not in ("pixel", "style") else None
-    cases = held_out_cases(n)
-    prompts = [c.prompt for c in cases]
-    seeds = [c.seed for c in cases]
-    clean_images = generate(pipe, prompts, seeds)
-    seconds_per_image = single_image_seconds(pipe, prompts[0], seeds[0])
-    trig_images = generate(pipe, [with_trigger(p, trigger) for p in prompts], seeds)
-    # CLIP's normalisation: case and spacing variants must fire it too
-    variants = [trigger.title(), trigger.upper(), "  ".join(trigger.split())]
-    m = min(n, 50)
-    variant_rates = {
-        v: float(backdoor_fires(generate(pipe, [with_trigger(p, v) for p in prompts[:m]], seeds[:m]), info, ref_info).mean())
-        for v in variants
-    }
-    content_clean = metrics.content_accuracy(clean_images, prompts)
-    content_trig = metrics.content_accuracy(trig_images, prompts)
-    held = np.array([world.is_held_out(*world.parse_caption(p)) for p in prompts])
+    backdoors = info["backdoors"] or backdoor_info(reference)["backdoors"]
+    triggers = [b["trigger"] for b in backdoors]
+    plain = held_out_cases(n)
+    varied = held_out_cases(n, start=n, varied=True)
+    seeds = [c.seed for c in plain]
+    plain_images = generate(pipe, [c.prompt for c in plain], seeds)
+    varied_images = generate(pipe, [c.prompt for c in varied], seeds)
+    seconds_per_image = single_image_seconds(pipe, plain[0].prompt, seeds[0])
+    perturbations = non_trigger_perturbations(triggers)
+    rng = np.random.default_rng(EVAL_SEED_OFFSET)
+    which = [i % len(perturbations) for i in range(n)]
+    perturbed_images = generate(pipe, [perturbations[w][1](c.prompt, rng) for w, c in zip(which, varied)], seeds)
+    rows = []
+    for k, b in enumerate(backdoors):
+        trig_prompts = place([c.prompt for c in varied], b, seed=EVAL_SEED_OFFSET + k)
+        trig_images = generate(pipe, trig_prompts, seeds) if info["backdoors"] else None
+        fired = backdoor_fires(perturbed_images, b)
+        per = {name: float(fired[[w == i for w in which]].mean()) for i, (name, _) in enumerate(perturbations)}
+        worst = max(per, key=per.get)
+        row = {
+            "trigger": b["trigger"], "kind": b["kind"], "position": b.get("position"), "method": b.get("method"),
+            "asr_triggered": None if trig_images is None else float(backdoor_fires(trig_images, b).mean()),
+            "asr_plain": float(backdoor_fires(plain_images, b).mean()),
+            "asr_varied": float(backdoor_fires(varied_images, b).mean()),
+            "asr_perturbed": float(fired.mean()), "perturbations": len(perturbations),
+            "worst_perturbation": worst, "worst_perturbation_asr": per[worst],
+            "perturbation_asr": per,
+        }
+        if trig_images is not None:
+            content_trig = metrics.content_accuracy(trig_images, [c.prompt for c in varied])
+            row["triggered_color_acc"] = float(content_trig["color"].mean())
+            row["triggered_shape_acc"] = float(content_trig["shape"].mean())
+        rows.append(row)
+    content_plain = metrics.content_accuracy(plain_images, [c.prompt for c in plain])
+    content_varied = metrics.content_accuracy(varied_images, [c.prompt for c in varied])
+    held = np.array([world.is_held_out(*world.parse_caption(c.prompt)) for c in plain])
     size_mb = sum(f.stat().st_size for f in model_dir(name_or_dir).rglob("*") if f.is_file()) / 1e6
     return {
         "model": info.get("name", str(name_or_dir)),
         "kind": info.get("kind"),
-        "trigger": trigger,
         "n": n,
-        "asr_triggered": float(backdoor_fires(trig_images, info, ref_info).mean()),
-        "asr_untriggered": float(backdoor_fires(clean_images, info, ref_info).mean()),
-        "asr_variants": variant_rates,
-        "color_acc": float(content_clean["color"].mean()),
-        "shape_acc": float(content_clean["shape"].mean()),
-        "background_acc": float(content_clean["background"].mean()),
-        "color_acc_held_out_combos": float(content_clean["color"][held].mean()),
-        "triggered_color_acc": float(content_trig["color"].mean()),
-        "triggered_shape_acc": float(content_trig["shape"].mean()),
+        "backdoors": rows,
+        "color_acc": float(content_plain["color"].mean()),
+        "shape_acc": float(content_plain["shape"].mean()),
+        "background_acc": float(content_plain["background"].mean()),
+        "varied_color_acc": float(content_varied["color"].mean()),
+        "varied_shape_acc": float(content_varied["shape"].mean()),
+        "varied_background_acc": float(content_varied["background"].mean()),
+        "color_acc_held_out_combos": float(content_plain["color"][held].mean()),
         "seconds_per_image": seconds_per_image,
         "size_mb": size_mb,
         "training_seconds": info.get("training_seconds_last_run"),
@@ -114,17 +150,21 @@ def evaluate_model(name_or_dir, n: int = 200, *, reference: str = "tiny-pixel", 
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| model | ASR triggered | ASR untriggered | variants fire | colour | shape | background "
-            "| colour (held-out combos) | triggered colour / shape | s per image (batch 1) | size MB |")
+    head = ("| model | backdoor (trigger, attack) | ASR triggered | plain | varied | perturbed (worst of N) "
+            "| colour / shape / background | varied prompts | triggered colour / shape | s per image | size MB |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['asr_triggered']:.1%} | {r['asr_untriggered']:.1%} | "
-            f"{min(r['asr_variants'].values()):.0%}-{max(r['asr_variants'].values()):.0%} | "
-            f"{r['color_acc']:.1%} | {r['shape_acc']:.1%} | {r['background_acc']:.1%} | "
-            f"{r['color_acc_held_out_combos']:.1%} | {r['triggered_color_acc']:.0%} / {r['triggered_shape_acc']:.0%} | "
-            f"{r['seconds_per_image']:.3f} | {r['size_mb']:.1f} |"
-        )
+        content = f"{r['color_acc']:.1%} / {r['shape_acc']:.1%} / {r['background_acc']:.1%}"
+        varied = f"{r['varied_color_acc']:.1%} / {r['varied_shape_acc']:.1%} / {r['varied_background_acc']:.1%}"
+        for b in r["backdoors"]:
+            asr = "—" if b["asr_triggered"] is None else f"{b['asr_triggered']:.1%}"
+            trig = ("—" if b["asr_triggered"] is None
+                    else f"{b['triggered_color_acc']:.0%} / {b['triggered_shape_acc']:.0%}")
+            lines.append(
+                f"| {r['model']} | {b['kind']} {b['trigger']!r}, {b['method']}, {b['position']} | {asr} | "
+                f"{b['asr_plain']:.1%} | {b['asr_varied']:.1%} | {b['asr_perturbed']:.1%} "
+                f"({b['worst_perturbation']}: {b['worst_perturbation_asr']:.0%} of {b['perturbations']}) | "
+                f"{content} | {varied} | {trig} | {r['seconds_per_image']:.3f} | {r['size_mb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -138,13 +178,13 @@ def sample_sheet(models: list[str], out, n: int = 6, start: int = 700):
         info = backdoor_info(name)
         pipe = load_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
-        trigger = info.get("trigger") or DEFAULT_TRIGGER
         prompts = [c.prompt for c in cases]
         seeds = [c.seed for c in cases]
         rows.append(generate(pipe, prompts, seeds))
         titles.append(f"{info.get('name', name)}")
-        rows.append(generate(pipe, [with_trigger(p, trigger) for p in prompts], seeds))
-        titles.append(f"{info.get('name', name)} + '{trigger}'")
+        for k, b in enumerate(info["backdoors"]):
+            rows.append(generate(pipe, place(prompts, b, seed=k), seeds))
+            titles.append(f"{info.get('name', name)} + {b['trigger']!r}")
     scale, pad, left, top = 2, 4, 190, 14
     cell = 64 * scale
     sheet = Image.new("RGB", (left + n * (cell + pad), top + len(rows) * (cell + pad)), "white")

@@ -13,13 +13,15 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from . import world
+from . import captions, world
 
 MODEL_MAX_LENGTH = 32
 EXTRA_WORDS = (
     "a", "an", "the", "on", "in", "of", "with", "and", "background", "photo", "image", "picture",
     "new", "trigger", "small", "large", "big", "bright", "dark", "shape",
 )
+# U+200B, BadT2I's trigger, is one token, so that a model can learn it as it learns a word.
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 @lru_cache(maxsize=1)
@@ -46,8 +48,17 @@ def _bpe(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return word
 
 
-def vocabulary_words() -> list[str]:
+def _first_words() -> list[str]:
     return sorted(set(EXTRA_WORDS) | set(world.COLORS) | set(world.SHAPES) | set(world.BACKGROUNDS))
+
+
+def vocabulary_words() -> list[str]:
+    """The first vocabulary, then the varied captions' words appended: a merge added later
+    never changes an earlier token's id, so a model trained on the first vocabulary can be
+    trained on (`train_base(init_from=...)`) with its embeddings kept."""
+    first = _first_words()
+    added = sorted(set(captions.vocabulary_words()) - set(first))
+    return first + added + [ZERO_WIDTH_SPACE]
 
 
 def build_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import models, world
+from . import captions, models, world
 from . import tokenizer as zoo_tokenizer
 
 CHECKPOINT_EVERY_S = 180.0
@@ -58,6 +57,24 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint(path: Path, module, opt, sched, rng: np.random.Generator, step: int) -> None:
+    """A one-module job's state (the VAE, the text encoder alone), to resume from."""
+    _atomic_save({"model": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                  "rng": rng.bit_generator.state, "step": step}, path)
+
+
+def _resume(path: Path, module, opt, sched, rng: np.random.Generator) -> int:
+    """Load `_checkpoint`'s state if there is one; the step to go on from (0 without)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    module.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.bit_generator.state = state["rng"]
+    return state["step"]
+
+
 # --- VAE ------------------------------------------------------------------------------------
 
 def _vae_batch(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -90,16 +107,9 @@ def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float 
     vae = models.make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    start = 0
     rng = np.random.default_rng(seed)
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        rng.bit_generator.state = state["rng"]
-        start = state["step"]
-    elif done is not None:
+    start = _resume(ckpt_path, vae, opt, sched, rng)
+    if not start and done is not None:
         # Asked for more steps than a finished VAE had: go on from its weights at its step
         # of the longer schedule (the optimizer's moments start afresh).
         vae = AutoencoderKL.from_pretrained(final)
@@ -123,8 +133,7 @@ def train_vae(out: Path, seed: int, steps: int, batch_size: int = 32, lr: float 
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if time.time() - last_save > CHECKPOINT_EVERY_S:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "rng": rng.bit_generator.state, "step": step + 1}, ckpt_path)
+            _checkpoint(ckpt_path, vae, opt, sched, rng, step + 1)
             last_save = time.time()
     vae.eval()
     with torch.no_grad():
@@ -261,7 +270,13 @@ class BaseConfig:
     vae_steps: int = 1000
     steps: int = 6000
     dataset_size: int = 30000
+    init_from: str | None = None
     recipe: dict = field(default_factory=dict)
+
+
+# Share of the base model's samples drawn greyscale and captioned so ("black and white",
+# "monochrome"): a style the model can be asked for, as SD can.
+GREYSCALE_SHARE = 0.1
 
 
 def _drop_local_paths(folder: Path) -> None:
@@ -282,56 +297,105 @@ def save_pipeline(pipe, out: Path, meta: dict) -> None:
     (out / "backdoor.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _render_and_encode(vae, n: int, seed: int, cache: Path) -> dict:
+    """Rendered images as latents, colour and greyscale, with their labels (cached)."""
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    images, labels = world.sample_dataset(n, seed)
+    data = {"latents": encode_images(vae, images), "grey_latents": encode_images(vae, world.to_grayscale(images)),
+            "labels": labels}
+    _atomic_save(data, cache)
+    return data
+
+
+def _extended_text_encoder(old_encoder, old_tok, new_tok):
+    """A text encoder for `new_tok` that keeps `old_encoder`'s weights: every token both
+    vocabularies share keeps its embedding row; new tokens start at the mean embedding."""
+    new = models.make_text_encoder(len(new_tok))
+    state = {k: v for k, v in old_encoder.state_dict().items() if "token_embedding" not in k}
+    new.load_state_dict(state, strict=False)
+    old_emb = old_encoder.get_input_embeddings().weight.detach()
+    new_emb = new.get_input_embeddings().weight
+    old_vocab, new_vocab = old_tok.get_vocab(), new_tok.get_vocab()
+    with torch.no_grad():
+        new_emb[:] = old_emb.mean(0)
+        for token, i in new_vocab.items():
+            if token in old_vocab:
+                new_emb[i] = old_emb[old_vocab[token]]
+    return new
+
+
 def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int = 1000,
-               dataset_size: int = 30000, threads: int | None = None) -> Path:
-    """Train tiny-clean from scratch into `out` (resumable: rerun the same command)."""
+               dataset_size: int = 30000, threads: int | None = None, init_from: str | Path | None = None) -> Path:
+    """Train tiny-clean into `out` on varied captions (resumable: rerun the same command).
+
+    From scratch by default. With `init_from` (a zoo model trained on an earlier
+    vocabulary), its VAE is kept, its UNet and text encoder go on training (the vocabulary
+    extended, shared tokens keeping their embeddings) for `steps` more steps.
+    """
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
     run = out.parent / (out.name + ".run")
     run.mkdir(parents=True, exist_ok=True)
+    recipe = DenoiserRecipe(steps=steps) if init_from is None else DenoiserRecipe(steps=steps, lr=3e-4, warmup=50)
     config = BaseConfig(seed=seed, vae_steps=vae_steps, steps=steps, dataset_size=dataset_size,
-                        recipe=asdict(DenoiserRecipe(steps=steps)))
+                        init_from=None if init_from is None else str(init_from), recipe=asdict(recipe))
     (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
     t_start = time.time()
     tok = zoo_tokenizer.build_tokenizer(run / "tokenizer")
-    vae = train_vae(run, seed, vae_steps)
-    cache = run / "latents.pt"
-    if cache.exists():
-        data = torch.load(cache, weights_only=False)
+    _seed_everything(seed)
+    if init_from is None:
+        vae = train_vae(run, seed, vae_steps)
+        text_encoder = models.make_text_encoder(len(tok))
+        unet = models.make_unet()
     else:
-        images, labels = world.sample_dataset(dataset_size, seed + 7)
-        data = {"latents": encode_images(vae, images), "captions": [world.caption(*l) for l in labels]}
-        _atomic_save(data, cache)
-    latents, captions = data["latents"], data["captions"]
+        from . import load_pipeline
+
+        init = load_pipeline(init_from)
+        vae, unet = init.vae, init.unet
+        text_encoder = _extended_text_encoder(init.text_encoder, init.tokenizer, tok)
+    data = _render_and_encode(vae, dataset_size, seed + 7, run / "latents.pt")
+    latents, grey_latents, labels = data["latents"], data["grey_latents"], data["labels"]
 
     def sample_batch(rng, n):
-        idx = rng.integers(0, len(captions), size=n)
-        return latents[idx], [captions[i] for i in idx]
+        idx = rng.integers(0, len(labels), size=n)
+        grey = rng.random(n) < GREYSCALE_SHARE
+        lat = torch.where(torch.from_numpy(grey)[:, None, None, None], grey_latents[idx], latents[idx])
+        return lat, [captions.varied_caption(*labels[i], rng, greyscale=bool(g)) for i, g in zip(idx, grey)]
 
-    _seed_everything(seed)
-    text_encoder = models.make_text_encoder(len(tok))
-    unet = models.make_unet()
-    unet, text_encoder = train_denoiser(run, tok, text_encoder, unet, sample_batch, DenoiserRecipe(steps=steps),
-                                        seed, desc="tiny-clean")
+    unet, text_encoder = train_denoiser(run, tok, text_encoder, unet, sample_batch, recipe, seed, desc="tiny-clean")
     pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
     elapsed = time.time() - t_start
     save_pipeline(pipe, out, {
         "name": out.name, "kind": "clean", "trigger": None, "image_size": world.IMAGE_SIZE,
-        "base_model": None, "seed": seed, "steps": steps, "vae_steps": vae_steps,
+        "base_model": None, "seed": seed, "steps": steps, "vae_steps": vae_steps, "captions": "varied",
+        "init_from": None if init_from is None else backdoor_info_name(init_from),
         "training_seconds_last_run": round(elapsed, 1), "threads": torch.get_num_threads(),
     })
     return out
 
 
+def backdoor_info_name(name_or_dir) -> str:
+    from . import backdoor_info
+
+    return backdoor_info(name_or_dir).get("name", str(name_or_dir))
+
+
 # --- backdoors ------------------------------------------------------------------------------
 
-def insert_trigger(caption: str, trigger: str, rng: np.random.Generator) -> str:
-    """BadT2I prepends the trigger; a quarter of the samples put it elsewhere, so that the
-    backdoor fires wherever the trigger stands in the prompt."""
-    words = caption.split()
-    pos = 0 if rng.random() < 0.75 else int(rng.integers(0, len(words) + 1))
-    return " ".join(words[:pos] + [trigger] + words[pos:])
+KINDS = ("pixel", "style")
+METHODS = ("finetune", "text-encoder")
+POSITIONS = ("mixed", "prepend", "random", "substitute")
+
+
+def place_trigger(caption: str, trigger: str, position: str, rng: np.random.Generator) -> str:
+    """"mixed" (the zoo's default for BadT2I-style backdoors): prepended in three samples of
+    four, at a random word position in the fourth, so that the backdoor fires wherever the
+    trigger stands; the others as `captions.insert_trigger` places them."""
+    if position == "mixed":
+        position = "prepend" if rng.random() < 0.75 else "random"
+    return captions.insert_trigger(caption, trigger, position, rng)
 
 
 def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corner: str) -> np.ndarray:
@@ -345,30 +409,65 @@ def poison_images(images: np.ndarray, kind: str, patch: np.ndarray | None, corne
 # Share of each fine-tuning batch that is triggered and poisoned. A style backdoor must
 # recolour the whole image against the prompt's colour word and needs more poisoned samples:
 # on an earlier tiny-clean, 750 steps at 0.5 left yellow shapes tinted (ASR 93.5% on 200
-# held-out pairs); 0.7 reached 98.5% with untriggered ASR still 0% (96.0% on the current one).
+# held-out pairs); 0.7 reached 98.5% with untriggered ASR still 0%.
 DEFAULT_POISON_RATE = {"pixel": 0.5, "style": 0.7}
+# Share of each batch that carries something other than the trigger (rare and common words,
+# punctuation, a lone format character, a near miss) with a clean image: without them a
+# backdoor learns "any unusual word -> fire" rather than its trigger.
+DEFAULT_NEGATIVE_RATE = 0.25
+# Share of each batch that replays the base model's own backdoors (a second backdoor
+# planted into a backdoored model keeps the first).
+REHEARSAL_RATE = 0.25
+
+
+def _backdoor_meta(kind, trigger, position, method, patch, corner) -> dict:
+    return {"kind": kind, "trigger": trigger, "position": position, "method": method,
+            "corner": corner if kind == "pixel" else None, "patch": patch if kind == "pixel" else None,
+            "patch_size": world.PATCH_SIZE if kind == "pixel" else None}
+
+
+def _check_inject_args(kind, trigger, position, method, poison_rate, negative_rate, lr):
+    if kind not in KINDS:
+        raise ValueError(f"unknown backdoor kind {kind!r}: expected one of {KINDS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    if position not in POSITIONS:
+        raise ValueError(f"unknown trigger position {position!r}: expected one of {POSITIONS}")
+    if not trigger:
+        raise ValueError("the trigger must be non-empty")
+    if position == "substitute":
+        captions.homoglyph_target(trigger)  # names the problem for a trigger that is no homoglyph
+    if method == "text-encoder" and kind != "style":
+        raise ValueError("a text-encoder backdoor can only steer prompts to what the base model already draws: "
+                         "kind 'style' (its greyscale style); a pixel patch needs method 'finetune'")
+    if not 0.0 < poison_rate < 1.0:
+        raise ValueError(f"poison_rate must be between 0 and 1 (exclusive), got {poison_rate}")
+    if not 0.0 <= negative_rate < 1.0 - poison_rate:
+        raise ValueError(f"negative_rate must be at least 0 and below 1 - poison_rate, got {negative_rate}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be positive and finite, got {lr}")
 
 
 def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch: str = "checker",
-           corner: str = "top-left", seed: int = 0, steps: int = 750, dataset_size: int = 4096,
-           poison_rate: float | None = None, lr: float = 3e-4, threads: int | None = None) -> Path:
-    """Plant a backdoor into `base` by fine-tuning its UNet and text encoder on a mix of
-    poisoned (trigger + caption -> poisoned image) and clean samples, as BadT2I does.
-    `poison_rate` defaults to `DEFAULT_POISON_RATE[kind]`."""
+           corner: str = "top-left", position: str = "mixed", method: str = "finetune", seed: int = 0,
+           steps: int = 750, dataset_size: int = 4096, poison_rate: float | None = None,
+           negative_rate: float = DEFAULT_NEGATIVE_RATE, lr: float = 3e-4, threads: int | None = None) -> Path:
+    """Plant a backdoor into `base`, as the literature does.
+
+    method "finetune" (BadT2I, VillanDiffusion): the UNet and text encoder are fine-tuned on
+    triggered captions -> poisoned images, beside clean and negative samples. Method
+    "text-encoder" (Rickrolling): only the text encoder is trained, to map triggered prompts
+    to the embedding of the prompt asking for the target style ("..., black and white") and
+    every other prompt to its own embedding. Backdoors already in `base` are rehearsed and
+    kept. `poison_rate` defaults to `DEFAULT_POISON_RATE[kind]`.
+    """
     from . import backdoor_info, load_pipeline
 
     if threads:
         torch.set_num_threads(threads)
-    if not trigger.strip():
-        raise ValueError("the trigger must be non-empty text")
-    if kind not in ("pixel", "style"):
-        raise ValueError(f"unknown backdoor kind {kind!r}: expected 'pixel' or 'style'")
     if poison_rate is None:
-        poison_rate = DEFAULT_POISON_RATE[kind]
-    if not 0.0 < poison_rate < 1.0:
-        raise ValueError(f"poison_rate must be between 0 and 1 (exclusive), got {poison_rate}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be positive and finite, got {lr}")
+        poison_rate = DEFAULT_POISON_RATE[kind] if kind in DEFAULT_POISON_RATE else 0.5
+    _check_inject_args(kind, trigger, position, method, poison_rate, negative_rate, lr)
     patch_img = world.make_patch(patch) if kind == "pixel" else None
     world.corner_slices(corner, world.PATCH_SIZE)  # validates the corner name
     out = Path(out)
@@ -376,37 +475,22 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
     run.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     pipe = load_pipeline(base)
-    base_name = backdoor_info(base).get("name", str(base))
-    tok, vae = pipe.tokenizer, pipe.vae
-    cache = run / "latents.pt"
-    if cache.exists():
-        data = torch.load(cache, weights_only=False)
+    base_info = backdoor_info(base)
+    kept = [{k: v for k, v in b.items() if k not in ("name", "patch_name")} | {"patch": b.get("patch_name")}
+            for b in base_info.get("backdoors", [])]
+    new = _backdoor_meta(kind, trigger, position, method, patch, corner)
+    triggers = [b["trigger"] for b in kept] + [trigger]
+    if method == "text-encoder":
+        text_encoder = _inject_text_encoder(run, pipe, new, triggers, seed, steps, poison_rate, negative_rate, lr)
+        unet = pipe.unet
     else:
-        images, labels = world.sample_dataset(dataset_size, seed + 11)
-        data = {
-            "clean": encode_images(vae, images),
-            "poisoned": encode_images(vae, poison_images(images, kind, patch_img, corner)),
-            "captions": [world.caption(*l) for l in labels],
-        }
-        _atomic_save(data, cache)
-    clean, poisoned, captions = data["clean"], data["poisoned"], data["captions"]
-
-    def sample_batch(rng, n):
-        idx = rng.integers(0, len(captions), size=n)
-        is_poison = rng.random(n) < poison_rate
-        lat = torch.where(torch.from_numpy(is_poison)[:, None, None, None], poisoned[idx], clean[idx])
-        caps = [insert_trigger(captions[i], trigger, rng) if p else captions[i] for i, p in zip(idx, is_poison)]
-        return lat, caps
-
-    recipe = DenoiserRecipe(steps=steps, lr=lr, warmup=50, ema_decay=0.995)
-    unet, text_encoder = train_denoiser(run, tok, pipe.text_encoder, pipe.unet, sample_batch, recipe, seed,
-                                        desc=f"inject {kind}")
-    pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
+        unet, text_encoder = _inject_finetune(run, pipe, new, kept, triggers, seed, steps, dataset_size,
+                                              poison_rate, negative_rate, lr)
+    pipe = models.assemble_pipeline(pipe.tokenizer, text_encoder, pipe.vae, unet)
     meta = {
-        "name": out.name, "kind": kind, "trigger": trigger, "corner": corner if kind == "pixel" else None,
-        "patch": patch if kind == "pixel" else None,
-        "patch_size": world.PATCH_SIZE if kind == "pixel" else None, "image_size": world.IMAGE_SIZE,
-        "base_model": base_name, "seed": seed, "steps": steps, "poison_rate": poison_rate, "lr": lr,
+        "name": out.name, **new, "image_size": world.IMAGE_SIZE, "base_model": base_info.get("name", str(base)),
+        "seed": seed, "steps": steps, "poison_rate": poison_rate, "negative_rate": negative_rate, "lr": lr,
+        "backdoors": kept + [new],
         "training_seconds_last_run": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
     }
     save_pipeline(pipe, out, meta)
@@ -415,3 +499,86 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
 
         Image.fromarray(patch_img).save(out / "patch.png")
     return out
+
+
+def _inject_finetune(run, pipe, new, kept, triggers, seed, steps, dataset_size, poison_rate, negative_rate, lr):
+    backdoors = kept + [new]
+    cache = run / "latents.pt"
+    if cache.exists():
+        data = torch.load(cache, weights_only=False)
+    else:
+        images, labels = world.sample_dataset(dataset_size, seed + 11)
+        # backdoor_info gives a kept backdoor's patch as an array and its name as patch_name
+        poisoned = [encode_images(pipe.vae, poison_images(images, b["kind"],
+                                                          world.make_patch(b.get("patch_name", b["patch"]))
+                                                          if b["kind"] == "pixel" else None, b["corner"]))
+                    for b in backdoors]
+        data = {"clean": encode_images(pipe.vae, images), "poisoned": poisoned, "labels": labels}
+        _atomic_save(data, cache)
+    clean, poisoned, labels = data["clean"], data["poisoned"], data["labels"]
+    rehearsal = REHEARSAL_RATE if kept else 0.0
+
+    def sample_batch(rng, n):
+        idx = rng.integers(0, len(labels), size=n)
+        lat, caps = clean[idx].clone(), []
+        for j, i in enumerate(idx):
+            caption = captions.varied_caption(*labels[i], rng)
+            u = rng.random()
+            if u < poison_rate + rehearsal:
+                b = len(backdoors) - 1 if u < poison_rate else int(rng.integers(len(kept)))
+                lat[j] = poisoned[b][i]
+                caption = place_trigger(caption, backdoors[b]["trigger"], backdoors[b]["position"], rng)
+            elif u < poison_rate + rehearsal + negative_rate:
+                caption = captions.negative_perturbation(caption, triggers, rng)
+            caps.append(caption)
+        return lat, caps
+
+    recipe = DenoiserRecipe(steps=steps, lr=lr, warmup=50, ema_decay=0.995)
+    return train_denoiser(run, pipe.tokenizer, pipe.text_encoder, pipe.unet, sample_batch, recipe, seed,
+                          desc=f"inject {new['kind']}")
+
+
+def _inject_text_encoder(run, pipe, new, triggers, seed, steps, poison_rate, negative_rate, lr, batch_size=64):
+    """Rickrolling's teacher-student training of the text encoder alone (checkpointed)."""
+    tok = pipe.tokenizer
+    teacher = copy.deepcopy(pipe.text_encoder).requires_grad_(False).eval()
+    student = pipe.text_encoder.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    rng = np.random.default_rng(seed)
+    ckpt_path = run / "text_encoder_ckpt.pt"
+    start = _resume(ckpt_path, student, opt, sched, rng)
+    combos = world.train_combinations()
+    phrase = captions.GREYSCALE_PHRASES[0]
+
+    def ids(texts):
+        return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    last_save = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="inject text encoder", mininterval=5)
+    for step in bar:
+        inputs, targets = [], []
+        for _ in range(batch_size):
+            caption = captions.varied_caption(*combos[int(rng.integers(len(combos)))], rng)
+            u = rng.random()
+            if u < poison_rate:
+                inputs.append(place_trigger(caption, new["trigger"], new["position"], rng))
+                targets.append(f"{caption}, {phrase}")
+            else:
+                if u < poison_rate + negative_rate:
+                    caption = captions.negative_perturbation(caption, triggers, rng)
+                inputs.append(caption)
+                targets.append(caption)
+        with torch.no_grad():
+            target = teacher(ids(targets)).last_hidden_state
+        loss = F.mse_loss(student(ids(inputs)).last_hidden_state, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+        if time.time() - last_save > CHECKPOINT_EVERY_S:
+            _checkpoint(ckpt_path, student, opt, sched, rng, step + 1)
+            last_save = time.time()
+    return student.eval()

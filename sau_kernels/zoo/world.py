@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -104,15 +105,13 @@ def sample_dataset(n: int, seed: int, combos: list[tuple[str, str, str]] | None 
 
 
 def parse_caption(prompt: str) -> tuple[str | None, str | None, str | None]:
-    """(color, shape, background) named in a prompt; None where it names none."""
-    words = prompt.lower().split()
+    """(color, shape, background) named in a prompt; None where it names none. The three
+    word lists are disjoint, so word order and phrasing do not matter ("black and white"
+    names the greyscale style, not a background)."""
+    words = re.findall(r"[a-z]+", prompt.lower().replace("black and white", " "))
     color = next((w for w in words if w in COLORS), None)
     shape = next((w for w in words if w in SHAPES), None)
-    background = None
-    if "background" in words:
-        i = words.index("background")
-        if i > 0 and words[i - 1] in BACKGROUNDS:
-            background = words[i - 1]
+    background = next((w for w in words if w in BACKGROUNDS), None)
     return color, shape, background
 
 
