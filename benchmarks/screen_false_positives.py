@@ -17,9 +17,9 @@ import json
 import random
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 
+from sau_kernels.calibrate import ordinary_prompts as package_prompts
 from sau_kernels.screening import TriggerMatcher, screen_prompts
 
 TRIGGERS = ["new trigger", "silver lining", "\u200b", "\u043e"]
@@ -45,8 +45,7 @@ def everyday_prompts(n: int, seed: int = 0) -> list[str]:
 def ordinary_prompts() -> dict[str, list[str]]:
     from sau_kernels.zoo.evaluate import held_out_cases
 
-    text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
-    calibration = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    calibration = package_prompts()
     return {
         "calibration prompts": calibration,
         "zoo held-out captions": [c.prompt for c in held_out_cases(2000, start=20_000, varied=True)],

@@ -26,6 +26,11 @@ def default_prompts(pipe) -> list[str]:
         from .zoo import world
 
         return [world.caption(*c) for c in world.train_combinations()]
+    return ordinary_prompts()
+
+
+def ordinary_prompts() -> list[str]:
+    """The package's generic SD prompts (data/calibration_prompts.txt)."""
     text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 

@@ -194,10 +194,9 @@ def _as_profiles(profile) -> list[TriggerProfile]:
 def _warn_if_common(matchers) -> None:
     """A trigger that most ordinary prompts contain ("a") would send nearly all traffic
     through the twin: say so at patch time."""
-    from importlib import resources
+    from .calibrate import ordinary_prompts
 
-    text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
-    ordinary = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    ordinary = ordinary_prompts()
     for m in matchers:
         share = sum(s.triggered for s in screen_prompts(m, ordinary)) / len(ordinary)
         if share >= 0.5:
@@ -406,13 +405,19 @@ def _watch_final_latents(a: dict, holder: dict) -> None:
             holder["scores"] = _signature_scores(pipe._sau_state, holder["latents"])
         return out
 
+    a["callback_on_step_end"] = callback
+    a["callback_on_step_end_tensor_inputs"] = _tensor_inputs_with_latents(a, user_cb)
+
+
+def _tensor_inputs_with_latents(a: dict, user_cb) -> list[str]:
+    """The call's callback tensor inputs (a PipelineCallback's own, if the user passed one),
+    with "latents", which the defence's callbacks read."""
     inputs = list(a["callback_on_step_end_tensor_inputs"] or [])
     if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
         inputs = list(user_cb.tensor_inputs)
     if "latents" not in inputs:
         inputs.append("latents")
-    a["callback_on_step_end"] = callback
-    a["callback_on_step_end_tensor_inputs"] = inputs
+    return inputs
 
 
 def _signature_scores(state: _State, latents: torch.Tensor) -> torch.Tensor:
@@ -537,13 +542,8 @@ def _defended_generation(self, state: _State, a: dict, prompts, screened, trigge
                 return x
 
         if user_cb is not None or per_step_repair is not None:
-            inputs = list(a["callback_on_step_end_tensor_inputs"] or [])
-            if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
-                inputs = list(user_cb.tensor_inputs)
-            if "latents" not in inputs:
-                inputs.append("latents")
+            a["callback_on_step_end_tensor_inputs"] = _tensor_inputs_with_latents(a, user_cb)
             a["callback_on_step_end"] = _wrap_user_callback(user_cb, B * n, per_step_repair)
-            a["callback_on_step_end_tensor_inputs"] = inputs
 
         final = original(self, **a).images
         z = final[: B * n].clone()
