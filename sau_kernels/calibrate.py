@@ -6,6 +6,8 @@ initial noise; all pairs of a chunk go through the sampler in one batched call.
 
 from __future__ import annotations
 
+import copy
+
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -102,7 +104,8 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     from diffusers.utils.torch_utils import randn_tensor
 
     from .ops import secondary_map
-    from .pipeline import TwinConditioning, call_unpatched
+    from .hooks import TwinConditioning
+    from .pipeline import call_unpatched
 
     if not isinstance(trigger, str) or not trigger.strip():
         raise ValueError("trigger must be non-empty text")
@@ -130,8 +133,10 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             key = (name, pos)
             sums[key] = sums[key] + d[rows].sum(dim=0) if key in sums else d[rows].sum(dim=0)
 
-    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
+    # A shallow copy with its own progress-bar setting: the pipeline itself is not touched.
+    quiet = copy.copy(pipe)
+    quiet._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}), disable=True)
+    timesteps: list[float] = []  # the scheduler's timestep at each complete step
     bar = tqdm(total=num_pairs, desc=f"calibrating {trigger!r}", unit="pair", disable=not progress)
     try:
         for start in range(0, num_pairs, batch_pairs):
@@ -143,17 +148,26 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             ])
             n = len(idx)
 
+            done = []
+
             def on_step(p, i, t, kw):
+                if not getattr(p.scheduler, "state_in_first_order", True):
+                    return {}  # half of a second-order step (Heun, DPM2): x is not an x_t
                 x = kw["latents"]
-                accumulate(f"step{i}", x[:n], x[n:])
+                accumulate(f"step{len(done)}", x[:n], x[n:])
+                done.append(float(t))
                 return {}
 
             chunk_positions = [positions[i % len(positions)] for i in idx]
             poisoned = [poisoned_prompt(trigger, p, q) for p, q in zip(clean_prompts, chunk_positions)]
             size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="latent")
-            z = call_unpatched(pipe, poisoned + clean_prompts, latents=torch.cat([noise, noise]),
+            z = call_unpatched(quiet, poisoned + clean_prompts, latents=torch.cat([noise, noise]),
                                callback_on_step_end=on_step if per_step else None, **size).images
+            if per_step and len(done) != num_inference_steps:
+                raise ValueError(f"the scheduler ran {len(done)} complete steps for num_inference_steps="
+                                 f"{num_inference_steps}: per-step statistics need one per step")
+            timesteps = done
             accumulate("final", z[:n], z[n:])
             finals_p.append(z[:n].float().cpu())
             finals_c.append(z[n:].float().cpu())
@@ -161,17 +175,19 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             if per_step_eps:
                 # Mode "per_step_eps" keeps the poisoned trajectory alone and compares, at
                 # each step, its guided noise with the clean twin's at the same x_t.
-                def on_eps(i, g_p, g_c):
-                    accumulate(f"eps{i}", g_p, g_c)
+                calls = []
+
+                def on_eps(t, g_p, g_c):
+                    accumulate(f"eps{len(calls)}", g_p, g_c)
+                    calls.append(t)
                     return None
 
                 twin, _ = pipe.encode_prompt(clean_prompts, device, 1, False)
-                with TwinConditioning(pipe, twin, list(range(n)), guidance_scale, on_eps):
-                    call_unpatched(pipe, poisoned, latents=noise, **size)
+                with TwinConditioning(pipe.unet, twin, list(range(n)), guidance_scale, on_eps):
+                    call_unpatched(quiet, poisoned, latents=noise, **size)
             bar.update(n)
     finally:
         bar.close()
-        pipe._progress_bar_config = saved_bar
 
     # Where the backdoor ignores the trigger (BadT2I's prepended U+200B, appended), those pairs
     # are no poisoned samples: the statistics keep the positions where it acts.
@@ -184,6 +200,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         return (sum(sums[(name, q)] for q in kept) / n_kept).cpu()
 
     delta = mean_of("final")
+    change_map = (z_p - z_c)[[r for r, q in enumerate(pair_positions) if q in kept]].norm(dim=1).mean(dim=0)
     act = secondary_map(delta, sigma=ACT_SIGMA, ksize=ACT_KSIZE)
     rows = [r for r, q in enumerate(pair_positions) if q in kept]
     check = _output_check_stats(z_p[rows], z_c[rows], delta, act)
@@ -202,13 +219,13 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         eps_act = torch.stack([secondary_map(d, sigma=ACT_SIGMA, ksize=ACT_KSIZE) for d in eps_delta])
     return TriggerProfile(
         delta=delta, act=act, delta_steps=steps_delta, act_steps=steps_act,
-        eps_delta_steps=eps_delta, eps_act_steps=eps_act, clean_mean=check.pop("clean_mean"),
+        eps_delta_steps=eps_delta, eps_act_steps=eps_act, clean_mean=check.pop("clean_mean"), change_map=change_map,
         trigger=trigger, trigger_ids=trig_ids, fingerprint=pipeline_fingerprint(pipe),
         latent_shape=shape, scheduler=type(pipe.scheduler).__name__, num_inference_steps=num_inference_steps,
         num_pairs=num_pairs, guidance_scale=guidance_scale,
         params={"seed": seed, "act_sigma": ACT_SIGMA, "act_ksize": ACT_KSIZE, "num_prompts": len(prompts),
                 "positions": list(positions), "effect_by_position": effect, "positions_kept": kept,
-                "trigger_strength": strength, **check},
+                "trigger_strength": strength, **({"timesteps": timesteps} if per_step else {}), **check},
     )
 
 

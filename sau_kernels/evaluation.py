@@ -202,7 +202,7 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
             masks = repair_masks(z_p, z_c, profile.delta, profile.act, **params)
             dec = _decode(pipe, z)
             if cfg.composite == "pixel":
-                from .pipeline import _pixel_mask
+                from .composite import pixel_mask as _pixel_mask
 
                 m = _pixel_mask(masks["w"], dec.shape[-2:], 0.5 * pipe.vae_scale_factor)
                 dec = m * dec + (1 - m) * poisoned_dec

@@ -227,6 +227,7 @@ def repair(
     gate: float | None = None,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    return_coverage: bool = False,
 ) -> torch.Tensor:
     """Repair poisoned latents z_p with clean latents z_c where the trigger acts (SAU_SPEC section 3).
 
@@ -241,7 +242,12 @@ def repair(
         float(tau1), float(tau2), float(k), float(alpha), float(blur_sigma), blur_ksize,
         blend, similarity, None if gate is None else float(gate),
     )
-    return _RUNNERS[name](args, out)
+    result = _RUNNERS[name](args, out)
+    if not return_coverage:
+        return result
+    m = reference.repair_masks(z_p, z_c, delta, act, tau1=tau1, tau2=tau2, k=k, alpha=alpha,
+                               similarity=similarity, gate=gate)
+    return result, torch.stack([m["M1"].flatten(1).mean(1), m["M2"].flatten(1).mean(1)], dim=1)
 
 
 def secondary_map(delta: torch.Tensor, sigma: float = 2.0, ksize: int = 5) -> torch.Tensor:

@@ -88,6 +88,7 @@ class TriggerProfile:
     eps_delta_steps: torch.Tensor | None = None
     eps_act_steps: torch.Tensor | None = None
     clean_mean: torch.Tensor | None = None  # (C, H, W) mean clean final latent: the output check's origin
+    change_map: torch.Tensor | None = None  # (H, W) mean over pairs of |z_p - z_c| per latent pixel: where it acts
     version: str = ""
 
     def __post_init__(self):
@@ -108,7 +109,10 @@ class TriggerProfile:
                                      f"expected {(T, *full)}/{(T, H, W)} for {T} steps")
         if self.clean_mean is not None and tuple(self.clean_mean.shape) != (C, H, W):
             raise ValueError(f"clean_mean has shape {tuple(self.clean_mean.shape)}, expected {(C, H, W)}")
-        for name in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean"):
+        if self.change_map is not None and tuple(self.change_map.shape) != (H, W):
+            raise ValueError(f"change_map has shape {tuple(self.change_map.shape)}, expected {(H, W)}")
+        for name in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean",
+                     "change_map"):
             t = getattr(self, name)
             if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"profile tensor {name} holds non-finite values")
@@ -132,13 +136,45 @@ class TriggerProfile:
         t = self.params.get("output_check_threshold")
         return None if t is None or self.clean_mean is None else float(t)
 
+    @property
+    def acts_globally(self) -> bool:
+        """Whether the trigger changes the whole image (a style backdoor) rather than a region:
+        its mean per-pair change reaches half its typical peak (95th percentile) on at least
+        half of the latent pixels. A repair that swaps in the twin wherever the trigger acts
+        then swaps in all of it, so the defence generates the clean prompt alone. False for a
+        profile without a change map (calibrated before it was recorded)."""
+        if self.change_map is None:
+            return False
+        m = self.change_map.float().flatten()
+        peak = torch.quantile(m, 0.95)
+        return bool(peak > 0 and (m >= 0.5 * peak).float().mean() >= 0.5)
+
+    def step_index(self, t, steps_done: int) -> int:
+        """Which per-step statistics belong to timestep `t`: by the calibration's timesteps
+        (`params["timesteps"]`); for a profile without them, the count of steps done, which
+        is right only on the whole calibrated schedule (the call's check ensures the scheduler
+        and step count). ProfileMismatchError for a timestep the profile does not have."""
+        recorded = self.params.get("timesteps")
+        if recorded is None:
+            if steps_done >= self.num_inference_steps:
+                raise ProfileMismatchError(f"the call ran more steps than the profile's {self.num_inference_steps}")
+            return steps_done
+        t = float(t)
+        for i, s in enumerate(recorded):
+            if abs(s - t) <= 1e-4 * max(1.0, abs(s)):
+                return i
+        raise ProfileMismatchError(
+            f"the scheduler reached timestep {t:g}, which the profile for {self.trigger!r} was not calibrated at "
+            f"({self.scheduler}, {self.num_inference_steps} steps): calibrate with this scheduler and step count, "
+            "or use mode 'final'")
+
     # --- storage --------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
         tensors = {"delta": self.delta, "act": self.act}
-        for name in ("delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean"):
+        for name in ("delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps", "clean_mean", "change_map"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -185,7 +221,7 @@ class TriggerProfile:
                 delta=tensors["delta"], act=tensors["act"],
                 delta_steps=tensors.get("delta_steps"), act_steps=tensors.get("act_steps"),
                 eps_delta_steps=tensors.get("eps_delta_steps"), eps_act_steps=tensors.get("eps_act_steps"),
-                clean_mean=tensors.get("clean_mean"),
+                clean_mean=tensors.get("clean_mean"), change_map=tensors.get("change_map"),
                 trigger=meta["trigger"], trigger_ids=json.loads(meta["trigger_ids"]),
                 fingerprint=meta["fingerprint"], latent_shape=tuple(json.loads(meta["latent_shape"])),
                 scheduler=meta["scheduler"], num_inference_steps=int(meta["num_inference_steps"]),
@@ -212,9 +248,11 @@ class TriggerProfile:
                     f"this pipeline's UNet and text encoder are {fp}: calibrate on this model, or pass "
                     f"allow_mismatch=True")
 
-    def check_call(self, latent_shape: tuple[int, int, int], scheduler: str, num_steps: int, per_step: bool) -> None:
-        """Raise ProfileMismatchError if a generation call does not fit this profile."""
-        if tuple(latent_shape) != self.latent_shape:
+    def check_call(self, latent_shape: tuple[int, int, int] | None, scheduler: str, num_steps: int,
+                   per_step: bool) -> None:
+        """Raise ProfileMismatchError if a generation call does not fit this profile (its
+        latent shape unless None; its scheduler and step count for the per-step modes)."""
+        if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
             raise ProfileMismatchError(
                 f"this call's latents are {tuple(latent_shape)} (C, H, W) but the profile was calibrated on "
                 f"{self.latent_shape}: generate at the calibrated size or calibrate at this one")
@@ -232,7 +270,7 @@ class TriggerProfile:
 
         moved = {n: (getattr(self, n).to(device, dtype) if getattr(self, n) is not None else None)
                  for n in ("delta", "act", "delta_steps", "act_steps", "eps_delta_steps", "eps_act_steps",
-                           "clean_mean")}
+                           "clean_mean", "change_map")}
         return dataclasses.replace(self, **moved)
 
     def __repr__(self) -> str:

@@ -75,7 +75,7 @@ def test_pixel_composite_removes_and_keeps_the_rest(pipe, profile, info):
 
 
 def test_composite_mask_covers_every_repaired_latent_and_fades_outside():
-    from sau_kernels.pipeline import _pixel_mask
+    from sau_kernels.composite import pixel_mask as _pixel_mask
 
     w = torch.full((1, 1, 16, 16), 0.0025)  # untouched latents: sigmoid(-k/2)
     w[0, 0, :4, :4] = 0.5  # secondary mask only: half swapped for the clean twin
