@@ -151,7 +151,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             done = []
 
             def on_step(p, i, t, kw):
-                if not getattr(p.scheduler, "state_in_first_order", True):
+                if i < p.num_timesteps - 1 and not getattr(p.scheduler, "state_in_first_order", True):
                     return {}  # half of a second-order step (Heun, DPM2): x is not an x_t
                 x = kw["latents"]
                 accumulate(f"step{len(done)}", x[:n], x[n:])

@@ -94,11 +94,10 @@ def _with_twin_conditioning(pipe, state, plan, report, original, a):
     negatives = plan.twin_texts.get("negative_prompt")
     embeds, _ = pipe.encode_prompt(twin_prompts, pipe._execution_device, n, False, negatives,
                                    clip_skip=a.get("clip_skip"))
-    calls, last = [0], {}
+    previous, last = [-1] * len(profs), {}
 
     def on_eps(t, g_p, g_c):
-        idx = [p.step_index(t, calls[0]) for p in profs]
-        calls[0] += 1
+        idx = previous[:] = [p.step_index(t, prev) for p, prev in zip(profs, previous)]
         out, cov = repair_pairs(g_p, g_c, plan, profs,
                                 lambda k: (profs[k].eps_delta_steps[idx[k]], profs[k].eps_act_steps[idx[k]]),
                                 cfg, report.repair_clock)

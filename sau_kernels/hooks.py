@@ -3,7 +3,7 @@
 `DefenceCallback` is the call's `callback_on_step_end`: after each complete scheduler step
 (Heun and DPM2 evaluate the model twice per step; their half-steps are skipped) mode
 "per_step" repairs each poisoned row's x_t against its twin's with that timestep's
-statistics, and after the last step mode "final" repairs the final latents, which the
+statistics (a second-order scheduler's last step is a first-order one, and complete), and after the last step mode "final" repairs the final latents, which the
 pipeline then decodes, safety-checks and post-processes as it always does. The user's own
 callback sees only the user's rows.
 
@@ -60,7 +60,8 @@ class DefenceCallback:
     def __init__(self, state, plan, report, user_cb, composite_mask=None):
         self.state, self.plan, self.report, self.user_cb = state, plan, report, user_cb
         self.composite_mask = composite_mask  # filled at the last step when composite="pixel"
-        self.finished, self.steps_done, self.shape_checked = False, 0, False
+        self.finished, self.shape_checked = False, False
+        self.step_indexes = [-1] * len(state.profiles)  # per profile: the per-step statistics used last
 
     def __call__(self, pipe, i, t, kwargs):
         state, plan, cfg = self.state, self.plan, self.state.config
@@ -68,12 +69,12 @@ class DefenceCallback:
         if not self.shape_checked:
             check_latent_shape(state.profiles, x)
             self.shape_checked = True
-        complete = getattr(pipe.scheduler, "state_in_first_order", True)
         last = i == pipe.num_timesteps - 1
+        complete = last or getattr(pipe.scheduler, "state_in_first_order", True)
         P = [p for p, _ in plan.pairs]
         T = [c for _, c in plan.pairs]
         if P and cfg.mode == "per_step" and complete:
-            idx = [p.step_index(t, self.steps_done) for p in state.profiles]
+            self.step_indexes = idx = [p.step_index(t, prev) for p, prev in zip(state.profiles, self.step_indexes)]
             profs = state.profiles
             x[P], cov = repair_pairs(x[P], x[T], plan, profs,
                                      lambda k: (profs[k].delta_steps[idx[k]], profs[k].act_steps[idx[k]]),
@@ -93,8 +94,6 @@ class DefenceCallback:
             if any(state.checks):
                 score_outputs(state, self.report, x[:plan.user_rows], plan.n_images)
             self.finished = True
-        if complete:
-            self.steps_done += 1
         out = {"latents": x}
         if self.user_cb is not None:
             mine = dict(kwargs, latents=x[:plan.user_rows])

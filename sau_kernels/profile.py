@@ -149,19 +149,21 @@ class TriggerProfile:
         peak = torch.quantile(m, 0.95)
         return bool(peak > 0 and (m >= 0.5 * peak).float().mean() >= 0.5)
 
-    def step_index(self, t, steps_done: int) -> int:
-        """Which per-step statistics belong to timestep `t`: by the calibration's timesteps
-        (`params["timesteps"]`); for a profile without them, the count of steps done, which
-        is right only on the whole calibrated schedule (the call's check ensures the scheduler
-        and step count). ProfileMismatchError for a timestep the profile does not have."""
+    def step_index(self, t, previous: int = -1) -> int:
+        """Which per-step statistics belong to the step the sampler just finished at
+        timestep `t`, after the step that used index `previous`: the next calibrated step
+        with that timestep (`params["timesteps"]`; Heun's last two steps share one, and an
+        img2img schedule starts part-way). A profile without recorded timesteps counts steps,
+        which is right only on the whole calibrated schedule (the call's check ensures the
+        scheduler and step count). ProfileMismatchError for a timestep it does not have."""
         recorded = self.params.get("timesteps")
         if recorded is None:
-            if steps_done >= self.num_inference_steps:
+            if previous + 1 >= self.num_inference_steps:
                 raise ProfileMismatchError(f"the call ran more steps than the profile's {self.num_inference_steps}")
-            return steps_done
+            return previous + 1
         t = float(t)
-        for i, s in enumerate(recorded):
-            if abs(s - t) <= 1e-4 * max(1.0, abs(s)):
+        for i in range(previous + 1, len(recorded)):
+            if abs(recorded[i] - t) <= 1e-4 * max(1.0, abs(recorded[i])):
                 return i
         raise ProfileMismatchError(
             f"the scheduler reached timestep {t:g}, which the profile for {self.trigger!r} was not calibrated at "

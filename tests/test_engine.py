@@ -1,0 +1,296 @@
+"""The engine end to end on real (tiny) pipelines: every supported class and scheduler,
+untriggered calls bit-identical to the unpatched pipeline, triggered calls equal to the
+repair of the poisoned row against a twin generated alone with the same draws, request-scoped
+reports, failing closed."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import pytest
+import torch
+
+import sau_kernels
+from sau_kernels.pipeline import DEFAULT_REPAIR, call_unpatched
+from sau_kernels.planner import _row_generators
+from sau_kernels.profile import ProfileMismatchError
+from sau_kernels.supported import UnsupportedPipelineError
+from tiny_pipelines import (SCHEDULERS, STEPS, assert_same, gens, image_batch, mask_batch, sdxl_pipe, synthetic_profile,
+                            zoo_pipe, zoo_profile)
+
+TRIGGERED = "new trigger, a red circle on a blue background"
+CLEAN = "a red circle on a blue background"
+OTHER = "a green square on a white background"
+
+
+def kind_args(kind: str, rows: int = 1) -> dict:
+    if kind == "img2img":
+        return {"image": image_batch(1, 64), "strength": 0.75}
+    if kind == "inpaint":
+        return {"image": image_batch(1, 64), "mask_image": mask_batch(1, 64), "strength": 1.0}
+    return {}
+
+
+def call(pipe, prompt, seeds, **kw):
+    kw.setdefault("output_type", "latent")
+    kw.setdefault("num_inference_steps", STEPS)
+    kw.setdefault("guidance_scale", 4.5)
+    return pipe(prompt, generator=gens(seeds) if seeds is not None else kw.pop("generator"), **kw)
+
+
+def reference_final(pipe, profile, poisoned_prompt, twin_prompt, seed, **kw):
+    """The defence by hand: the poisoned prompt and its twin in one unpatched batch with the
+    same seed, the final latents repaired."""
+    z = call_unpatched(pipe, [poisoned_prompt, twin_prompt], generator=gens([seed, seed]), output_type="latent",
+                       num_inference_steps=kw.pop("num_inference_steps", STEPS),
+                       guidance_scale=kw.pop("guidance_scale", 4.5), **kw).images
+    return sau_kernels.repair(z[:1], z[1:], profile.delta, profile.act, **DEFAULT_REPAIR)
+
+
+# --- every pipeline class and scheduler ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
+def test_each_pipeline_class_defends_and_leaves_untriggered_calls_untouched(kind):
+    pipe, profile = zoo_pipe(kind), zoo_profile()
+    extra = kind_args(kind)
+    before = call(pipe, [OTHER, CLEAN], [1, 2], **extra).images
+    sau_kernels.patch(pipe, profile)
+    assert_same(call(pipe, [OTHER, CLEAN], [1, 2], **extra).images, before)
+    out = call(pipe, [TRIGGERED], [3], **extra)
+    assert_same(out.images, reference_final(pipe, profile, TRIGGERED, CLEAN, 3, **extra))
+    assert out.sau_report.triggered == [0] and out.sau_report.prompts[0]["action"] == "repair"
+    assert out.sau_report.rows == 2
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("generator", ["list", "one"])
+def test_every_scheduler_with_a_list_of_generators_or_one(scheduler, generator):
+    pipe, profile = zoo_pipe("txt2img", scheduler), zoo_profile()
+    eta = {"eta": 1.0} if scheduler == "ddim-eta" else {}
+    guidance = 1.0 if scheduler == "lcm" else 4.5  # LCM samples without guidance
+    kw = dict(num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent", **eta)
+    sau_kernels.patch(pipe, profile)
+    if generator == "list":
+        before = call_unpatched(pipe, [OTHER], generator=gens([5]), **kw).images
+        assert_same(pipe([OTHER], generator=gens([5]), **kw).images, before)
+        out = pipe([TRIGGERED], generator=gens([5]), **kw).images
+        twin_gens = gens([5, 5])
+    else:
+        before = call_unpatched(pipe, [OTHER], generator=torch.Generator().manual_seed(5), **kw).images
+        assert_same(pipe([OTHER], generator=torch.Generator().manual_seed(5), **kw).images, before)
+        out = pipe([TRIGGERED], generator=torch.Generator().manual_seed(5), **kw).images
+        row = _row_generators(torch.Generator().manual_seed(5), 1, "cpu")[0]
+        twin_gens = [row, torch.Generator().set_state(row.get_state())]
+    z = call_unpatched(pipe, [TRIGGERED, CLEAN], generator=twin_gens, **kw).images
+    assert_same(out, sau_kernels.repair(z[:1], z[1:], profile.delta, profile.act, **DEFAULT_REPAIR))
+
+
+def test_sdxl_screens_prompt_and_prompt_2_and_cuts_the_trigger_from_both():
+    pipe = sdxl_pipe()
+    profile = synthetic_profile(pipe)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent")
+    before = pipe([OTHER], prompt_2=["a cat"], generator=gens([1]), **kw).images
+    sau_kernels.patch(pipe, profile, allow_mismatch=True)
+    assert_same(pipe([OTHER], prompt_2=["a cat"], generator=gens([1]), **kw).images, before)
+    for p1, p2 in ((OTHER, "a cat, new trigger"), (TRIGGERED, "a cat"), (TRIGGERED, None)):
+        out = pipe([p1], prompt_2=None if p2 is None else [p2], generator=gens([2]), **kw)
+        assert out.sau_report.triggered == [0]
+        clean1 = CLEAN if p1 == TRIGGERED else p1
+        clean2 = None if p2 is None else "a cat"
+        z = call_unpatched(pipe, [p1, clean1], prompt_2=None if p2 is None else [p2, clean2],
+                           generator=gens([2, 2]), **kw).images
+        assert_same(out.images, sau_kernels.repair(z[:1], z[1:], profile.delta, profile.act, **DEFAULT_REPAIR))
+    # the pipeline decodes, safety-checks and post-processes itself: a PIL call works
+    images = pipe([TRIGGERED], generator=gens([2]), num_inference_steps=STEPS, guidance_scale=5.0).images
+    assert len(images) == 1 and images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "heun", "dpm2", "euler-ancestral"])
+def test_per_step_statistics_are_indexed_by_timestep_and_skip_half_steps(scheduler):
+    pipe = zoo_pipe("txt2img", scheduler)
+    profile = sau_kernels.calibrate(pipe, "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                    progress=False, positions=("prepend",))
+    assert len(profile.params["timesteps"]) == STEPS == profile.delta_steps.shape[0]
+    sau_kernels.patch(pipe, profile, mode="per_step")
+    out = pipe([TRIGGERED], generator=gens([4]), num_inference_steps=STEPS, guidance_scale=4.5,
+               output_type="latent").images
+
+    done = []
+
+    def by_hand(p, i, t, kw):  # the per-step repair written out, on an unpatched batch [poisoned, twin]
+        if i < p.num_timesteps - 1 and not getattr(p.scheduler, "state_in_first_order", True):
+            return {}
+        x = kw["latents"]
+        k = len(done)
+        assert profile.params["timesteps"][k] == float(t)
+        done.append(k)
+        x[:1] = sau_kernels.repair(x[:1], x[1:], profile.delta_steps[k], profile.act_steps[k], **DEFAULT_REPAIR)
+        return {"latents": x}
+
+    z = call_unpatched(pipe, [TRIGGERED, CLEAN], generator=gens([4, 4]), num_inference_steps=STEPS,
+                       guidance_scale=4.5, output_type="latent", callback_on_step_end=by_hand).images
+    assert_same(out, z[:1])
+    with pytest.raises(ProfileMismatchError, match="steps"):
+        pipe([TRIGGERED], generator=gens([4]), num_inference_steps=STEPS + 1, output_type="latent")
+    pipe.scheduler = zoo_pipe("txt2img", "pndm").scheduler
+    with pytest.raises(ProfileMismatchError, match="PNDMScheduler"):
+        pipe([TRIGGERED], generator=gens([4]), num_inference_steps=STEPS, output_type="latent")
+    assert pipe([OTHER], generator=gens([4]), num_inference_steps=STEPS, output_type="latent").images.shape[0] == 1
+
+
+# --- modes -------------------------------------------------------------------------------------
+
+def test_strip_mode_is_the_clean_prompt_alone():
+    pipe = zoo_pipe()
+    sau_kernels.patch(pipe, zoo_profile(), mode="strip")
+    out = call(pipe, [TRIGGERED, OTHER], [1, 2])
+    assert_same(out.images, call_unpatched(pipe, [CLEAN, OTHER], generator=gens([1, 2]), output_type="latent",
+                                           num_inference_steps=STEPS, guidance_scale=4.5).images)
+    assert [p["action"] for p in out.sau_report.prompts] == ["strip", "none"] and out.sau_report.rows == 2
+
+
+def test_a_trigger_acting_on_the_whole_image_generates_the_clean_prompt():
+    pipe = zoo_pipe()
+    profile = zoo_profile()
+    import dataclasses
+
+    everywhere = dataclasses.replace(profile, change_map=torch.ones(profile.latent_shape[1:]))
+    assert everywhere.acts_globally and not dataclasses.replace(
+        profile, change_map=torch.zeros(profile.latent_shape[1:]).index_fill_(0, torch.tensor([0]), 1)).acts_globally
+    sau_kernels.patch(pipe, everywhere)
+    out = call(pipe, [TRIGGERED], [1])
+    assert out.sau_report.prompts[0]["action"] == "strip"
+    assert_same(out.images, call_unpatched(pipe, [CLEAN], generator=gens([1]), output_type="latent",
+                                           num_inference_steps=STEPS, guidance_scale=4.5).images)
+
+
+# --- a drop-in: signature, errors, outputs ----------------------------------------------------
+
+def test_patched_call_keeps_the_signature_and_docstring():
+    pipe = zoo_pipe()
+    sig, doc = inspect.signature(pipe.__call__), type(pipe).__call__.__doc__
+    sau_kernels.patch(pipe, zoo_profile())
+    assert inspect.signature(pipe.__call__) == sig and type(pipe).__call__.__doc__ == doc
+
+
+@pytest.mark.parametrize("prompt", [123, ["a cat", 5], b"bytes", ("a", "b"), None])
+def test_bad_prompts_raise_what_the_unpatched_pipeline_raises(prompt):
+    pipe = zoo_pipe()
+    kw = dict(num_inference_steps=2, output_type="latent")
+    with pytest.raises(Exception) as unpatched:
+        pipe(prompt, **kw)
+    sau_kernels.patch(pipe, zoo_profile())
+    with pytest.raises(type(unpatched.value)) as patched:
+        pipe(prompt, **kw)
+    assert str(patched.value) == str(unpatched.value)
+
+
+@pytest.mark.parametrize("kw", [
+    {"generator": [torch.Generator()] * 3},
+    {"negative_prompt": ["x"]},
+    {"negative_prompt": "x"},
+    {"callback_on_step_end_tensor_inputs": ["not_an_input"]},
+])
+def test_bad_arguments_of_triggered_calls_raise_what_the_unpatched_pipeline_raises(kw):
+    pipe = zoo_pipe()
+    args = dict(num_inference_steps=2, output_type="latent", **kw)
+    with pytest.raises(Exception) as unpatched:
+        pipe([TRIGGERED, OTHER], **args)
+    sau_kernels.patch(pipe, zoo_profile())
+    with pytest.raises(type(unpatched.value)) as patched:
+        pipe([TRIGGERED, OTHER], **args)
+    assert str(patched.value) == str(unpatched.value)
+
+
+def test_arguments_the_defence_cannot_honour_are_refused_on_every_call():
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    for prompt in (OTHER, TRIGGERED):
+        with pytest.raises(ValueError, match="does not support ip_adapter_image"):
+            pipe(prompt, ip_adapter_image=image_batch(1, 64), num_inference_steps=2)
+        with pytest.raises(ValueError, match="does not support callback"):
+            pipe(prompt, callback=lambda *a: None, num_inference_steps=2)
+
+
+def test_unsupported_pipelines_are_refused_at_patch_time():
+    pipe = zoo_pipe()
+    pipe.__class__ = type("MyPipeline", (type(pipe),), {"__call__": lambda self, *a, **k: None})
+    with pytest.raises(UnsupportedPipelineError, match="overrides"):
+        sau_kernels.patch(pipe, zoo_profile())
+
+
+def test_report_comes_with_the_output_and_tuples_stay_diffusers_tuples():
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    out = call(pipe, [TRIGGERED, OTHER], [1, 2])
+    assert out.sau_report.triggered == [0] and pipe.sau_report is out.sau_report
+    assert list(out.keys()) == ["images"] or "nsfw_content_detected" in out.keys()
+    tup = call(pipe, [OTHER], [1], return_dict=False, output_type="np")
+    assert isinstance(tup, tuple) and len(tup) == 2 and tup[0].shape[0] == 1
+    assert pipe.sau_report.triggered == []
+    seen = {}
+    threading.Thread(target=lambda: seen.setdefault("r", pipe.sau_report)).start()
+    assert seen.get("r", "unset") in (None, "unset")  # another thread has no report of its own
+
+
+def test_user_callback_sees_only_the_users_rows():
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    shapes = []
+
+    def cb(p, i, t, kw):
+        shapes.append(kw["latents"].shape[0])
+        return {"latents": kw["latents"]}
+
+    call(pipe, [TRIGGERED, OTHER], [1, 2], callback_on_step_end=cb)
+    assert shapes == [2] * STEPS
+
+
+def test_an_interrupted_loop_withholds_the_unrepaired_images():
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+
+    def stop(p, i, t, kw):
+        p._interrupt = True
+        return {}
+
+    with pytest.raises(RuntimeError, match="withheld"):
+        call(pipe, [TRIGGERED], [1], callback_on_step_end=stop)
+
+
+# --- request-scoped: threads sharing one UNet --------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["final", "per_step", "per_step_eps", "strip"])
+def test_two_threads_two_pipelines_one_unet_give_the_images_they_give_alone(mode):
+    import diffusers
+
+    a = zoo_pipe()
+    b = diffusers.StableDiffusionPipeline(**{**a.components, "scheduler": type(a.scheduler).from_config(
+        a.scheduler.config)})
+    b.set_progress_bar_config(disable=True)
+    profile = zoo_profile()
+    if mode in ("per_step", "per_step_eps"):  # statistics for this test's step count
+        profile = sau_kernels.calibrate(a, "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                        per_step_eps=True, progress=False, positions=("prepend",))
+    sau_kernels.patch(a, profile, mode=mode)
+    sau_kernels.patch(b, profile, mode=mode)
+    jobs = {"a": (a, [TRIGGERED, OTHER], [1, 2]), "b": (b, [OTHER, TRIGGERED, CLEAN], [3, 4, 5])}
+    alone = {k: call(p, prompts, seeds).images for k, (p, prompts, seeds) in jobs.items()}
+    together, errors = {}, []
+
+    def run(k):
+        p, prompts, seeds = jobs[k]
+        try:
+            for _ in range(2):
+                out = call(p, prompts, seeds)
+                together.setdefault(k, []).append((out.images, out.sau_report.triggered))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in jobs:
+        for images, triggered in together[k]:
+            assert_same(images, alone[k])
+        assert triggered == ([0] if k == "a" else [1])
