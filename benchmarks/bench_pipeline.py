@@ -27,7 +27,7 @@ from sau_kernels import patched
 from sau_kernels.calibrate import poisoned_prompt
 
 RESULTS = Path(__file__).parent / "results"
-SECTIONS = ("latency", "throughput", "shares")
+SECTIONS = ("latency", "throughput", "shares", "overhead")
 ZOO_PROMPTS = ["a red circle on a black background", "a blue square on a white background",
                "a yellow triangle on a gray background", "a purple circle on a white background"]
 SD_PROMPTS = ["a photo of a cat sitting on a windowsill", "a mountain landscape at sunrise",
@@ -160,6 +160,61 @@ def bench_throughput(pipe, profile, call, prompts, shares, requests, batch, log)
     return rows
 
 
+def bench_overhead(pipe, profile, prompts, batches, modes, steps, repeats, log):
+    """What the defence adds beyond its rows, side by side in paired rounds: a patched call
+    of b untriggered prompts against the unpatched call of the same prompts, and a patched
+    call of b triggered prompts against the unpatched call of the same rows (the b poisoned
+    prompts and their b twins: the twins' UNet work and VAE decode), so that what remains is
+    screening, planning, the repair and the report. Also the VAE decode of one twin."""
+    from sau_kernels.pipeline import call_unpatched
+
+    def timed(fn, *a, **kw):
+        _sync(pipe.device)
+        t0 = time.perf_counter()
+        fn(*a, **kw)
+        _sync(pipe.device)
+        return time.perf_counter() - t0
+
+    def args(seeds):
+        return dict(generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], num_inference_steps=steps,
+                    guidance_scale=4.5, output_type="np")
+
+    rows = []
+    for mode in modes:
+        sau_kernels.patch(pipe, profile, mode=mode)
+        for b in batches:
+            clean = [prompts[i % len(prompts)] for i in range(b)]
+            trig = [poisoned_prompt(profile.trigger, p) for p in clean]
+            twins = [s.clean_prompt for s in sau_kernels.screening.screen_prompts(
+                pipe._sau_state.matchers, trig)]
+            extra = twins if mode in ("final", "per_step") else []
+            seeds = list(range(b))
+            pairs = {"untriggered": (lambda: timed(pipe, clean, **args(seeds)),
+                                     lambda: timed(call_unpatched, pipe, clean, **args(seeds))),
+                     "triggered": (lambda: timed(pipe, trig, **args(seeds)),
+                                   lambda: timed(call_unpatched, pipe, (trig if extra else twins) + extra,
+                                                 **args(seeds + (seeds if extra else []))))}
+            for traffic, (defended, same_rows) in pairs.items():
+                defended(), same_rows()  # warm-up
+                d, u = [], []
+                for _ in range(repeats):
+                    d.append(defended())
+                    u.append(same_rows())
+                row = {"mode": mode, "batch": b, "traffic": traffic, "rounds": repeats,
+                       "patched_s": statistics.median(d), "same_rows_unpatched_s": statistics.median(u),
+                       "overhead": statistics.median(x / y - 1 for x, y in zip(d, u))}
+                rows.append(row)
+                log(f"overhead {mode:<12} b={b:<3} {traffic:<11} patched {row['patched_s'] * 1e3:8.1f} ms, unpatched "
+                    f"same rows {row['same_rows_unpatched_s'] * 1e3:8.1f} ms: overhead {row['overhead']:+.2%}")
+    sau_kernels.unpatch(pipe)
+    C, H, W = profile.latent_shape
+    z = torch.randn(1, C, H, W, device=pipe.device, dtype=pipe.vae.dtype)
+    decode = [timed(pipe.vae.decode, z) for _ in range(repeats + 1)][1:]
+    rows.append({"mode": "any", "batch": 1, "traffic": "twin VAE decode", "decode_s": statistics.median(decode)})
+    log(f"overhead: one twin's VAE decode {statistics.median(decode) * 1e3:.2f} ms")
+    return rows
+
+
 def bench_shares(pipe, profile, call, prompts, modes, batches, repeats, log):
     rows = []
     for mode in modes:
@@ -210,7 +265,7 @@ def plot(rows, path: Path, title: str):
 
 
 def markdown(result: dict) -> str:
-    """The three tables of a run, for the README."""
+    """The tables of a run, for docs/benchmarks.md."""
     lines = ["| batch | traffic | mode | unpatched ms | patched ms | ratio (median of rounds) | ratio of fastest |",
              "|---|---|---|---|---|---|---|"]
     for r in result["latency"]:
@@ -225,6 +280,13 @@ def markdown(result: dict) -> str:
     for r in result["time_shares"] or []:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['call_ms']:.0f} | {r['repair_ms']:.3f} "
                      f"({r['repair_share']:.3%}) | {r['screening_ms']:.3f} ({r['screening_share']:.3%}) |")
+    lines += ["", "| mode | batch | traffic | patched ms | unpatched, same rows ms | overhead |", "|---|---|---|---|---|---|"]
+    for r in result.get("overhead") or []:
+        if "decode_s" in r:
+            lines.append(f"| - | 1 | one twin's VAE decode | {r['decode_s'] * 1e3:.2f} | | |")
+        else:
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['traffic']} | {r['patched_s'] * 1e3:.0f} | "
+                         f"{r['same_rows_unpatched_s'] * 1e3:.0f} | {r['overhead']:+.2%} |")
     return "\n".join(lines)
 
 
@@ -309,6 +371,9 @@ def main(argv=None):
                                                               args.requests, args.stream_batch, log)),
         ("shares", "time_shares", lambda: bench_shares(pipe, profile, call, prompts, args.modes,
                                                        sorted({1, max(args.batches)}), args.repeats, log)),
+        ("overhead", "overhead", lambda: bench_overhead(pipe, profile, prompts, args.batches,
+                                                        [m for m in args.modes if m != "per_step_eps"] + ["strip"],
+                                                        args.steps, args.repeats, log)),
     ]
     for name, key, run in sections:
         result[key] = run() if name in args.sections else []

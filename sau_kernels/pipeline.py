@@ -54,8 +54,9 @@ class SAUConfig:
         "per_step_eps" keeps one trajectory, adds only the clean twin's conditional rows to
         each UNet call and repairs the guided noise prediction; "strip" generates the
         triggered prompt with the trigger cut out and nothing else (the baseline: 1x cost).
-        Whatever the mode, a prompt whose trigger acts on the whole image (the profile's
-        `acts_globally`, a style backdoor) is generated from its clean text alone.
+        Whatever the mode, a prompt whose trigger does not paint a fixed pattern (the
+        profile's `fixed_pattern` is False: a style backdoor) is generated from its clean
+        text alone.
     composite: None decodes the repaired latents (the paper); "pixel" keeps the repaired
         image only on the latent pixels the repair changed (upsampled, feathered outwards)
         and the poisoned image elsewhere (mode "final").
@@ -88,7 +89,7 @@ class _State:
     spec: PipelineSpec
     signature: inspect.Signature
     checks: list  # per profile: its output-check signature (weights, clean_mean, norm, threshold), or None
-    global_profiles: set = field(default_factory=set)  # indexes of the profiles whose trigger acts everywhere
+    global_profiles: set = field(default_factory=set)  # indexes of the profiles without a fixed pattern (styles)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -234,7 +235,7 @@ def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", co
         hook_unet(pipe.unet)  # installed once now: a call only switches it on in its own thread
     pipe._sau_state = _State(config=config, profiles=dev_profiles, matchers=matchers, original_class=original,
                              spec=spec, signature=inspect.signature(original.__call__), checks=checks,
-                             global_profiles={k for k, p in enumerate(profiles) if p.acts_globally})
+                             global_profiles={k for k, p in enumerate(profiles) if not p.fixed_pattern})
     pipe.__class__ = _patched_class(original)
     return pipe
 

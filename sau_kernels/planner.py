@@ -10,9 +10,9 @@ negative prompt, the same image (img2img, inpaint) and the same random draws: ea
 gets a copy of its row's generator, so the initial noise, the VAE's sampling and an
 ancestral sampler's per-step noise are the row's own. With one generator (or none) for the
 whole call, a triggered call draws from per-row generators seeded from it, since one
-generator cannot give two rows the same draws. A row whose trigger acts on the whole image
-(a style backdoor, see `TriggerProfile.is_global`), or every triggered row in mode "strip",
-is generated from its clean text alone: the twin would replace it anyway.
+generator cannot give two rows the same draws. A row whose trigger paints no fixed pattern
+(a style backdoor, see `TriggerProfile.fixed_pattern`), or every triggered row in mode
+"strip", is generated from its clean text alone.
 
 Where the arguments do not fit together (a list of generators or negative prompts of the
 wrong length), `Unplannable` is raised and the caller lets the pipeline itself report the

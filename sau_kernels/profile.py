@@ -137,17 +137,28 @@ class TriggerProfile:
         return None if t is None or self.clean_mean is None else float(t)
 
     @property
-    def acts_globally(self) -> bool:
-        """Whether the trigger changes the whole image (a style backdoor) rather than a region:
-        its mean per-pair change reaches half its typical peak (95th percentile) on at least
-        half of the latent pixels. A repair that swaps in the twin wherever the trigger acts
-        then swaps in all of it, so the defence generates the clean prompt alone. False for a
-        profile without a change map (calibrated before it was recorded)."""
+    def coherence(self) -> float | None:
+        """How much of a typical pair's change the mean change (delta) explains, weighted by
+        where the trigger changes most: sum ||delta|| * c / sum c^2 over latent pixels, with
+        c the mean per-pair change (`change_map`). Near 1 for a trigger that paints the same
+        pattern in every image (a patch); low for one whose change depends on the image (a
+        style: greyscale turns a red and a blue shape grey along different directions).
+        None for a profile calibrated before the change map was recorded."""
         if self.change_map is None:
-            return False
-        m = self.change_map.float().flatten()
-        peak = torch.quantile(m, 0.95)
-        return bool(peak > 0 and (m >= 0.5 * peak).float().mean() >= 0.5)
+            return None
+        c = self.change_map.float()
+        denom = float((c * c).sum())
+        return float((self.delta.float().norm(dim=0) * c).sum()) / denom if denom > 0 else None
+
+    @property
+    def fixed_pattern(self) -> bool:
+        """Whether the repair's premise holds: the trigger adds one fixed latent pattern
+        (delta explains at least half of a pair's change). Where it does not (a style
+        backdoor), swapping in the twin wherever the change points along delta leaves
+        fragments of both images, so the defence generates the clean prompt alone. True for
+        a profile without a change map (the premise is assumed, as before it was measured)."""
+        c = self.coherence
+        return c is None or c >= 0.5
 
     def step_index(self, t, previous: int = -1) -> int:
         """Which per-step statistics belong to the step the sampler just finished at

@@ -150,14 +150,15 @@ def test_strip_mode_is_the_clean_prompt_alone():
     assert [p["action"] for p in out.sau_report.prompts] == ["strip", "none"] and out.sau_report.rows == 2
 
 
-def test_a_trigger_acting_on_the_whole_image_generates_the_clean_prompt():
-    pipe = zoo_pipe()
-    profile = zoo_profile()
+def test_a_trigger_without_a_fixed_pattern_generates_the_clean_prompt():
     import dataclasses
 
-    everywhere = dataclasses.replace(profile, change_map=torch.ones(profile.latent_shape[1:]))
-    assert everywhere.acts_globally and not dataclasses.replace(
-        profile, change_map=torch.zeros(profile.latent_shape[1:]).index_fill_(0, torch.tensor([0]), 1)).acts_globally
+    pipe = zoo_pipe()
+    profile = zoo_profile()
+    norm = profile.delta.norm(dim=0)
+    assert dataclasses.replace(profile, change_map=norm).fixed_pattern  # delta explains every pair's change
+    everywhere = dataclasses.replace(profile, change_map=4 * norm)  # pairs change 4x more than delta says
+    assert everywhere.coherence == pytest.approx(0.25, rel=1e-4) and not everywhere.fixed_pattern
     sau_kernels.patch(pipe, everywhere)
     out = call(pipe, [TRIGGERED], [1])
     assert out.sau_report.prompts[0]["action"] == "strip"
