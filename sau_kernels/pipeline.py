@@ -367,7 +367,7 @@ def _defended_call(self, *args, **kwargs):
                 raise ValueError(s.twin_error)
     try:
         plan = make_plan(a, state.spec, texts, screens, mode=cfg.mode, global_profiles=state.global_profiles,
-                         device=self._execution_device)
+                         device=lambda: self._execution_device)  # found only when needed: it walks the modules
     except Unplannable as e:
         return _let_pipeline_reject(self, original, a, f"{e.args[0]} does not match the prompt")
     twinned = {p // n for p, _ in plan.pairs}

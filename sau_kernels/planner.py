@@ -126,14 +126,14 @@ def _copy_generator(g: torch.Generator) -> torch.Generator:
 
 def _row_generators(generator, user_rows: int, device) -> list[torch.Generator]:
     """One generator per row: the caller's list as it is, else generators seeded from the
-    one generator (or from torch's global one)."""
+    one generator (or from torch's global one, on `device`: a device or a function giving it)."""
     if isinstance(generator, list):
         if len(generator) != user_rows:
             raise Unplannable("generator")
         if len({id(g) for g in generator}) == len(generator):
             return list(generator)
         generator = generator[0]  # one generator listed several times: its draws are shared
-    dev = generator.device if generator is not None else torch.device(device)
+    dev = generator.device if generator is not None else torch.device(device() if callable(device) else device)
     seeds = torch.randint(0, 2**62, (user_rows,), generator=generator, device=dev).tolist()
     return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
 
