@@ -139,6 +139,21 @@ def test_per_step_statistics_are_indexed_by_timestep_and_skip_half_steps(schedul
     assert pipe([OTHER], generator=gens([4]), num_inference_steps=STEPS, output_type="latent").images.shape[0] == 1
 
 
+def test_from_pipe_shares_components_and_each_pipeline_is_patched_on_its_own():
+    import diffusers
+
+    txt = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    img = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(txt)
+    img.set_progress_bar_config(disable=True)
+    assert not sau_kernels.pipeline.is_patched(img)  # from_pipe builds a new pipeline: patch it too
+    sau_kernels.patch(img, zoo_profile())
+    back = diffusers.StableDiffusionPipeline.from_pipe(img)
+    assert type(back).__call__ is diffusers.StableDiffusionPipeline.__call__
+    out = call(img, [TRIGGERED], [3], **kind_args("img2img"))
+    assert_same(out.images, reference_final(img, zoo_profile(), TRIGGERED, CLEAN, 3, **kind_args("img2img")))
+    assert call(txt, [TRIGGERED], [3]).sau_report.triggered == [0]
+
+
 # --- modes -------------------------------------------------------------------------------------
 
 def test_strip_mode_is_the_clean_prompt_alone():

@@ -14,6 +14,7 @@ STEPS = 4
 SCHEDULERS = {  # name -> (class name, config overrides)
     "ddim": ("DDIMScheduler", {}),
     "ddim-eta": ("DDIMScheduler", {}),  # called with eta=1
+    "ddim-v": ("DDIMScheduler", {"prediction_type": "v_prediction"}),  # SD 2.x's parametrisation
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
