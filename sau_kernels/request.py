@@ -1,0 +1,127 @@
+"""One call of a patched pipeline, from its arguments to the plan (docs/engine.md).
+
+`defended_call` binds the arguments as the pipeline's own `__call__` would, refuses those
+the defence cannot honour, screens every text field, asks the planner for the rows, checks
+what can be checked before any work, and hands the plan to `execution.execute`. Arguments it
+cannot read are left to the pipeline itself to reject, so that users see the errors they know.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .planner import Plan, Unplannable, make_plan, text_fields
+from .report import SAUReport, prompt_entry
+from .screening import screen_prompts
+
+__all__ = ["defended_call"]
+
+
+class _Unscreenable(Exception):
+    pass
+
+
+def _let_pipeline_reject(pipe, original, a: dict, what: str):
+    """For arguments the screen or the plan cannot read: let the pipeline raise its own
+    error for them, as it would unpatched; if it accepts them, stop it at its first step."""
+    def stop(*_):
+        raise _Unscreenable
+
+    try:
+        original(pipe, **dict(a, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"]))
+    except _Unscreenable:
+        pass
+    raise ValueError(f"the defence cannot screen this call ({what}): pass the prompt as a string or a list of "
+                     "strings, with the other text and batch arguments matching it")
+
+
+def _check_schedule(pipe, state, a: dict) -> None:
+    """Per-step modes need statistics for this scheduler and step count (first-order for
+    "per_step_eps"): refuse before any work."""
+    mode = state.config.mode
+    if mode not in ("per_step", "per_step_eps"):
+        return
+    name = type(pipe.scheduler).__name__
+    if mode == "per_step_eps" and getattr(pipe.scheduler, "order", 1) != 1:
+        raise ValueError(f"mode 'per_step_eps' repairs each UNet evaluation, and {name} makes two per step: "
+                         "use mode 'final' or 'per_step' with it")
+    for p in state.profiles:
+        p.check_call(None, name, a.get("num_inference_steps"), per_step=True)
+
+
+def _expected_latent_shape(pipe, a: dict):
+    """(C, H, W) of a text-to-image call's latents where its arguments say; None otherwise
+    (image-sized calls, or sizes the pipeline itself will reject)."""
+    if "height" not in a or "image" in a:
+        return None
+    vsf = pipe.vae_scale_factor
+    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    h, w = a.get("height") or default * vsf, a.get("width") or default * vsf
+    if not (isinstance(h, int) and isinstance(w, int)) or h % vsf or w % vsf:
+        return None
+    return (pipe.vae.config.latent_channels, h // vsf, w // vsf)
+
+
+@torch.no_grad()
+def defended_call(self, *args, **kwargs):
+    from .execution import execute
+    from .hooks import check_latent_shape
+
+    t0 = time.perf_counter()  # screening_ms counts all the wrapper adds before the pipeline runs
+    state = self._sau_state
+    original, cfg = state.original_class.__call__, state.config
+    try:
+        bound = state.signature.bind(self, *args, **kwargs)
+    except TypeError:
+        return original(self, *args, **kwargs)  # Python's own error for a malformed call
+    bound.apply_defaults()
+    a = dict(bound.arguments)
+    a.pop("self")
+    a.update(a.pop("kwargs", {}))
+    refused = sorted(k for k in state.spec.refused if a.get(k) is not None)
+    if refused:
+        raise ValueError(f"a patched {state.original_class.__name__} does not support {', '.join(refused)}: "
+                         "the defence cannot give a clean twin the same "
+                         f"{'image prompt' if 'ip_adapter_image' in refused[0] else 'callback'}; call without it "
+                         "(callback_on_step_end is supported)")
+    report = SAUReport(mode=cfg.mode, triggers=[p.trigger for p in state.profiles])
+    n = a.get("num_images_per_prompt") or 1
+    try:
+        texts = text_fields(a, state.spec)
+    except Unplannable as e:
+        return _let_pipeline_reject(self, original, a, f"{e.args[0]} does not match the prompt")
+    if texts is None:
+        if a.get("prompt") is None and a.get("prompt_embeds") is not None:
+            if cfg.on_embeds == "raise":
+                raise ValueError(
+                    "this call passes prompt_embeds instead of text, which SAU cannot screen for the trigger; "
+                    "pass the prompt text, or patch(..., on_embeds='pass') to let such calls through unscreened")
+            rows = a["prompt_embeds"].shape[0]
+            report.unscreened = True
+            report.prompts = [prompt_entry(None, [], state.profiles, "none") for _ in range(rows)]
+            return execute(self, state, Plan(kwargs=a, n_images=n, user_rows=rows * n), report, original)
+        return _let_pipeline_reject(self, original, a, f"prompt of type {type(a.get('prompt')).__name__}")
+
+    screens = {f: screen_prompts(state.matchers, texts[f]) for f in texts}
+    for f in screens:
+        for s in screens[f]:
+            if s.twin_error:  # a twin that still holds the trigger must never be generated from
+                raise ValueError(s.twin_error)
+    try:
+        plan = make_plan(a, state.spec, texts, screens, mode=cfg.mode, global_profiles=state.global_profiles,
+                         device=lambda: self._execution_device)  # found only when needed: it walks the modules
+    except Unplannable as e:
+        return _let_pipeline_reject(self, original, a, f"{e.args[0]} does not match the prompt")
+    twinned = {p // n for p, _ in plan.pairs}
+    report.prompts = [prompt_entry(t, [screens[f][i] for f in screens], state.profiles,
+                                   "strip" if i in plan.stripped else "repair" if i in twinned else "none")
+                      for i, t in enumerate(texts["prompt"])]
+    if plan.pairs:
+        shape = _expected_latent_shape(self, a)
+        if shape is not None:
+            check_latent_shape(state.profiles, torch.empty(1, *shape, device="meta"))
+        _check_schedule(self, state, a)
+    report.screening_ms = (time.perf_counter() - t0) * 1e3
+    return execute(self, state, plan, report, original)
