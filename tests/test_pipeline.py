@@ -116,7 +116,7 @@ def test_lookalikes_are_triggers(pipe, profile, info):
 
 
 def test_twin_error_raises_before_generation(pipe, profile, monkeypatch):
-    import sau_kernels.pipeline as pipeline
+    import sau_kernels.request as pipeline
 
     real = pipeline.screen_prompts
     monkeypatch.setattr(pipeline, "screen_prompts", lambda matcher, prompts: [
