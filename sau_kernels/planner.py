@@ -27,7 +27,7 @@ import torch
 
 from .screening import Screened
 
-__all__ = ["Plan", "Unplannable", "text_fields", "make_plan"]
+__all__ = ["Plan", "Unplannable", "text_fields", "prompt_actions", "make_plan"]
 
 
 class Unplannable(Exception):
@@ -138,6 +138,16 @@ def _row_generators(generator, user_rows: int, device) -> list[torch.Generator]:
     return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
 
 
+def prompt_actions(screens: dict[str, list[Screened]], mode: str, global_profiles: set[int]):
+    """Per prompt, the profiles its text fields matched; which prompts are generated from
+    their clean text alone (stripped) and which get twins."""
+    n_prompts = len(screens["prompt"])
+    triggers = [sorted({k for f in screens for k in screens[f][i].triggers}) for i in range(n_prompts)]
+    hit = [i for i in range(n_prompts) if triggers[i]]
+    stripped = [i for i in hit if mode == "strip" or global_profiles & set(triggers[i])]
+    return triggers, stripped, [i for i in hit if i not in stripped]
+
+
 def make_plan(args: dict, spec, texts: dict[str, list[str]], screens: dict[str, list[Screened]], *,
               mode: str, global_profiles: set[int], device="cpu") -> Plan:
     """The plan for a call whose text fields `texts` screened as `screens` (same keys)."""
@@ -145,10 +155,7 @@ def make_plan(args: dict, spec, texts: dict[str, list[str]], screens: dict[str, 
     n_prompts = len(texts["prompt"])
     user_rows = n_prompts * n
     kw = dict(args)
-    triggers = [sorted({k for f in screens for k in screens[f][i].triggers}) for i in range(n_prompts)]
-    hit = [i for i in range(n_prompts) if triggers[i]]
-    stripped = [i for i in hit if mode == "strip" or global_profiles & set(triggers[i])]
-    twinned = [i for i in hit if i not in stripped]
+    triggers, stripped, twinned = prompt_actions(screens, mode, global_profiles)
     clean = {f: [s.clean_prompt if s.triggered else s.prompt for s in screens[f]] for f in texts}
     if stripped:  # every given text field becomes a list (the pipelines want them of one type)
         for f in texts:

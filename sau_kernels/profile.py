@@ -56,7 +56,8 @@ IGNORED_CONFIG = {"dtype", "torch_dtype", "transformers_version", "architectures
 
 
 def pipeline_fingerprint(pipe) -> str:
-    return model_fingerprint(pipe.unet, getattr(pipe, "text_encoder", None))
+    """The UNet's and every text encoder's fingerprint (SDXL has two)."""
+    return model_fingerprint(pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
 
 
 @dataclass

@@ -12,11 +12,25 @@ import time
 
 import torch
 
-from .planner import Plan, Unplannable, make_plan, text_fields
+from .planner import Plan, Unplannable, make_plan, prompt_actions, text_fields
 from .report import SAUReport, prompt_entry
 from .screening import screen_prompts
 
-__all__ = ["defended_call"]
+__all__ = ["defended_call", "rows_for"]
+
+
+def rows_for(pipe, prompts: list[str], num_images_per_prompt: int = 1, **text) -> int:
+    """How many UNet rows per sampling step (before guidance doubles them) a patched `pipe`
+    will run for these prompts, twins included, without running anything: what a server's
+    batcher counts so that a burst of triggered requests cannot exceed its memory.
+    `text`: the other text fields (negative_prompt=..., prompt_2=...), as the call gets them."""
+    state = pipe._sau_state
+    texts = text_fields({"prompt": list(prompts), **text}, state.spec)
+    if texts is None:
+        raise TypeError("prompts must be a non-empty list of strings")
+    screens = {f: screen_prompts(state.matchers, texts[f]) for f in texts}
+    _, _, twinned = prompt_actions(screens, state.config.mode, state.global_profiles)
+    return (len(prompts) + len(twinned)) * num_images_per_prompt
 
 
 class _Unscreenable(Exception):

@@ -156,6 +156,18 @@ def test_from_pipe_shares_components_and_each_pipeline_is_patched_on_its_own():
 
 # --- modes -------------------------------------------------------------------------------------
 
+def test_rows_for_counts_the_twins_a_call_will_run():
+    from sau_kernels.request import rows_for
+
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    prompts = [TRIGGERED, OTHER, "NEW  TRIGGER " + OTHER]
+    assert rows_for(pipe, prompts, 2) == 10
+    out = call(pipe, prompts, [1, 2, 3, 4, 5, 6], num_images_per_prompt=2)
+    assert out.sau_report.rows == 10
+    sau_kernels.patch(pipe, zoo_profile(), mode="strip")
+    assert rows_for(pipe, prompts) == 3
+
+
 def test_strip_mode_is_the_clean_prompt_alone():
     pipe = zoo_pipe()
     sau_kernels.patch(pipe, zoo_profile(), mode="strip")
