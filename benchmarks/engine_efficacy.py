@@ -89,6 +89,16 @@ def run_config(model, kind, scheduler, generator, n, batch, steps):
                 return torch.Generator().manual_seed(seeds[0])
             return [torch.Generator().manual_seed(x) for x in seeds]
 
+        def poisoned_gen():
+            """The draws of the defended call's poisoned rows: with one generator, a triggered
+            call draws from per-row generators seeded from it (docs/engine.md), so the
+            undefended image to compare with is the one from those draws."""
+            if generator == "one":
+                from sau_kernels.planner import _row_generators
+
+                return _row_generators(torch.Generator().manual_seed(seeds[0]), len(chunk), "cpu")
+            return gen()
+
         kw = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
         if kind != "txt2img":  # the init image: the trigger-free prompt's own txt2img image
             from sau_kernels.zoo import load_pipeline
@@ -104,7 +114,7 @@ def run_config(model, kind, scheduler, generator, n, batch, steps):
                 mask[..., : size // 2] = 1  # the left half, where the corner patch is drawn
                 kw["mask_image"] = mask
         t0 = time.perf_counter()
-        images["poisoned"].append(call_unpatched(pipe, trig, generator=gen(), **kw).images)
+        images["poisoned"].append(call_unpatched(pipe, trig, generator=poisoned_gen(), **kw).images)
         images["strip"].append(call_unpatched(pipe, [sau_kernels.screening.screen_prompts(
             sau_kernels.screening.TriggerMatcher(profile.trigger), [p])[0].clean_prompt for p in trig],
             generator=gen(), **kw).images)
@@ -165,15 +175,28 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--only", nargs="*", default=None, help="model/kind/scheduler, e.g. tiny-pixel/txt2img/ddim")
     ap.add_argument("--out", default=str(RESULTS / "engine_efficacy.json"))
+    ap.add_argument("--update", action="store_true", help="replace only the measured configurations' rows in --out")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())["rows"]))
+        return
     torch.set_num_threads(int(__import__("os").environ.get("SAU_BENCH_THREADS", torch.get_num_threads())))
     matrix = [m for m in MATRIX if args.only is None or "/".join(m[:3]) in args.only]
-    result = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    result = {"command": " ".join(["python", *sys.argv]), "machine": f"{cpu}, {__import__('os').cpu_count()} cores",
               "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": []}
+    if args.update and Path(args.out).is_file():
+        result["rows"] = json.loads(Path(args.out).read_text())["rows"]
+
+    def key(r):
+        return (r["model"], r["pipeline"], r["scheduler"], r["generator"])
+
     for cfg in matrix:
         t0 = time.time()
         row = run_config(*cfg, args.n, args.batch, args.steps)
-        result["rows"].append(row)
+        result["rows"] = [r for r in result["rows"] if key(r) != key(row)] + [row]
         print(f"{'/'.join(cfg)}: fires {row['fires_undefended']:.1%}, SAU removal {row['defended_removal']}, "
               f"strip {row['strip_removal']}, PSNR {row.get('defended_psnr_outside_by_position')} "
               f"({time.time() - t0:.0f} s)", flush=True)
