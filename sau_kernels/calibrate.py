@@ -112,6 +112,10 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     positions = tuple(positions) if positions is not None else default_positions(trigger)
     if not positions or any(p not in POSITIONS for p in positions):
         raise ValueError(f"positions must be some of {POSITIONS}, got {positions!r}")
+    if per_step_eps and getattr(pipe.scheduler, "order", 1) != 1:
+        raise ValueError(f"per_step_eps statistics are taken once per UNet evaluation, and "
+                         f"{type(pipe.scheduler).__name__} makes two per step: calibrate them with a first-order "
+                         "scheduler")
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     if isinstance(prompts, str):

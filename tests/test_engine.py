@@ -322,3 +322,29 @@ def test_two_threads_two_pipelines_one_unet_give_the_images_they_give_alone(mode
         for images, triggered in together[k]:
             assert_same(images, alone[k])
         assert triggered == ([0] if k == "a" else [1])
+
+
+def test_prompt_embeds_are_refused_unless_let_through_and_then_reported_unscreened():
+    pipe = zoo_pipe()
+    embeds, _ = pipe.encode_prompt([TRIGGERED], "cpu", 1, False)
+    sau_kernels.patch(pipe, zoo_profile())
+    with pytest.raises(ValueError, match="cannot screen"):
+        pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="latent")
+    sau_kernels.patch(pipe, zoo_profile(), on_embeds="pass")
+    out = pipe(prompt_embeds=embeds, num_inference_steps=2, output_type="latent", guidance_scale=1.0)
+    assert out.sau_report.unscreened and out.sau_report.prompts[0]["prompt"] is None
+
+
+def test_modes_a_pipeline_cannot_run_are_refused_at_patch_or_before_work():
+    pipe = sdxl_pipe()
+    with pytest.raises(ValueError, match="per_step_eps"):
+        sau_kernels.patch(pipe, synthetic_profile(pipe), mode="per_step_eps", allow_mismatch=True)
+    heun = zoo_pipe("txt2img", "heun")
+    with pytest.raises(ValueError, match="two per step"):
+        sau_kernels.calibrate(heun, "new trigger", [CLEAN], num_pairs=1, num_inference_steps=STEPS,
+                              per_step_eps=True, progress=False)
+    profile = sau_kernels.calibrate(zoo_pipe(), "new trigger", [CLEAN], num_pairs=1, num_inference_steps=STEPS,
+                                    per_step_eps=True, progress=False, positions=("prepend",))
+    sau_kernels.patch(heun, profile, mode="per_step_eps")
+    with pytest.raises(ValueError, match="two per step"):
+        heun([TRIGGERED], num_inference_steps=STEPS, output_type="latent")
