@@ -95,13 +95,15 @@ def _with_twin_conditioning(pipe, state, plan, report, original, a):
     embeds, _ = pipe.encode_prompt(twin_prompts, pipe._execution_device, n, False, negatives,
                                    clip_skip=a.get("clip_skip"))
     previous, last = [-1] * len(profs), {}
+    steps = len(profs[0].params.get("timesteps") or range(profs[0].num_inference_steps))  # coverage at the last
 
     def on_eps(t, g_p, g_c):
         idx = previous[:] = [p.step_index(t, prev) for p, prev in zip(profs, previous)]
         out, cov = repair_pairs(g_p, g_c, plan, profs,
                                 lambda k: (profs[k].eps_delta_steps[idx[k]], profs[k].eps_act_steps[idx[k]]),
-                                cfg, report.repair_clock)
-        last["coverage"] = cov
+                                cfg, report.repair_clock, coverage=idx[0] == steps - 1)
+        if cov:
+            last["coverage"] = cov
         return out
 
     rows = [p for p, _ in plan.pairs]

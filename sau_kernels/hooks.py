@@ -24,19 +24,29 @@ from .profile import ProfileMismatchError
 __all__ = ["DefenceCallback", "TwinConditioning", "repair_pairs", "hook_unet", "unhook_unet"]
 
 
-def repair_pairs(x_p, x_c, plan, profiles, stats, cfg, clock):
+def repair_pairs(x_p, x_c, plan, profiles, stats, cfg, clock, coverage: bool = False):
     """x_p repaired pair group by pair group, each with its own profile's statistics
-    `stats(k) -> (delta, act)` (k: the profile's index); returns (repaired, [(profile index, pair indexes, coverage)])."""
+    `stats(k) -> (delta, act)` (k: the profile's index); returns (repaired, [(profile
+    index, pair indexes, coverage)]), the coverage only when asked for (the op then reports
+    it instead of computing it again)."""
     from .ops import repair
 
-    out, coverage = x_p.clone(), []
-    for k, sel in plan.groups():
+    groups = plan.groups()
+    out, covered = (x_p, []) if len(groups) == 1 else (x_p.clone(), [])
+    for k, sel in groups:
         delta, act = stats(k)
+        whole = len(sel) == x_p.shape[0]  # one profile repairs every pair: no gather, no scatter
         with clock():
-            out[sel], cov = repair(out[sel], x_c[sel], delta, act, backend=cfg.backend, return_coverage=True,
-                                   **cfg.repair)
-        coverage.append((k, sel, cov))
-    return out, coverage
+            y = repair(out if whole else out[sel], x_c if whole else x_c[sel], delta, act, backend=cfg.backend,
+                       return_coverage=coverage, **cfg.repair)
+        y, cov = y if coverage else (y, None)
+        if whole:
+            out = y
+        else:
+            out[sel] = y
+        if coverage:
+            covered.append((k, sel, cov))
+    return out, covered
 
 
 def record_coverage(report, plan, profiles, coverage) -> None:
@@ -78,7 +88,7 @@ class DefenceCallback:
             profs = state.profiles
             x[P], cov = repair_pairs(x[P], x[T], plan, profs,
                                      lambda k: (profs[k].delta_steps[idx[k]], profs[k].act_steps[idx[k]]),
-                                     cfg, self.report.repair_clock)
+                                     cfg, self.report.repair_clock, coverage=last)
             if last:
                 record_coverage(self.report, plan, state.profiles, cov)
         if last:
@@ -86,7 +96,7 @@ class DefenceCallback:
                 z_p = x[P].clone()
                 profs = state.profiles
                 x[P], cov = repair_pairs(z_p, x[T], plan, profs, lambda k: (profs[k].delta, profs[k].act), cfg,
-                                         self.report.repair_clock)
+                                         self.report.repair_clock, coverage=True)
                 record_coverage(self.report, plan, state.profiles, cov)
                 if self.composite_mask is not None:
                     self.composite_mask.append(_change_mask(z_p, x[T], plan, state.profiles, cfg))
