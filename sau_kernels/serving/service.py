@@ -48,7 +48,7 @@ def validation_message(err: ValidationError) -> tuple[str, list[dict]]:
     """One line naming each bad field, and pydantic's details (JSON-safe)."""
     details = []
     for e in err.errors(include_url=False, include_context=False, include_input=False):
-        loc = ".".join(str(p) for p in e["loc"]) or "body"
+        loc = ".".join(str(p) for p in e["loc"]) or "request"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
