@@ -270,3 +270,21 @@ def test_request_command_writes_the_image_and_prints_the_report(server, tmp_path
     assert report["triggered"] and report["seeds"] == [3] and out.stat().st_size > 0
     assert main(["request", "--url", server.url, "--prompt", "x", "--steps", "0", "--out", str(out)]) == 1
     assert "steps" in capsys.readouterr().err
+
+
+def test_the_cluster_config_builds_the_same_application():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from sau_kernels.serving.deployment import ServerConfig, build_app
+
+    path = Path(__file__).parents[1] / "deploy" / "serve.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "sau_kernels.serving.deployment:build_app"
+    model = next(d for d in app.deployments if d.name == "SAUModel")
+    assert model.ray_actor_options.num_gpus == 1 and model.autoscaling_config["target_ongoing_requests"] > 0
+    assert {d.name for d in app.deployments} == {"SAUModel", "SAUIngress"}
+    args = ServerConfig(**app.args)
+    assert args.device == "cuda" and not args.resolved_batch_invariant()
+    assert type(build_app(app.args)).__name__ == "Application"
