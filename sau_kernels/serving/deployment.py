@@ -52,7 +52,7 @@ class ServerConfig(BaseModel):
     modes: list[str] = []  # other modes a request may ask for
     defended: bool = True  # False: the same server without the defence (for comparisons)
     batch_invariant: bool | None = None  # None: on for the CPU (sau_kernels.serving.numerics)
-    threads: int | None = None  # torch threads per replica (batch-invariant numerics need >= 2)
+    threads: int | None = None  # torch threads per replica; None: Ray's choice (one per CPU of the replica)
     max_batch_rows: int = Field(16, ge=1)  # UNet rows per Serve batch, twins included
     batch_wait_s: float = Field(0.02, ge=0)  # how long a batch waits to fill
     max_images: int = Field(4, ge=1)

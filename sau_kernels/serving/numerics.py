@@ -5,20 +5,25 @@ arrived with it. With PyTorch's default CPU kernels a row's result depends, in i
 bits, on the batch it ran in (measured on torch 2.13, MKL 2024.2, oneDNN 3.12):
 
 - MKL's sgemm takes another code path for matrices of 5 rows or fewer;
-- a 1x1 convolution runs on oneDNN from 16 images up, on the native kernel below that,
-  when torch uses one thread; a 3x3 convolution of one small image, always native;
+- torch runs a 1x1 convolution on oneDNN from 16 images up (or with several threads) and
+  on its native kernel below, and a 3x3 convolution of one small image always natively;
 - a lone image's tensors after the VAE's attention block have an ambiguous memory
   format (channels-last strides with a size-1 batch), and the next group norm and
   convolution pick another kernel for them than for the same image inside a batch.
 
 `batch_invariant(pipe)` removes each of these: MKL in its strict reproducible mode
 (`MKL_CBWR=AUTO,STRICT`, read when MKL starts, so it must be in the process environment
-before torch runs its first matrix product: `BATCH_INVARIANT_ENV`), at least two torch
-threads (oneDNN for every 1x1 convolution), the VAE decode on the native kernels with
-contiguous attention outputs. Measured on the zoo's tiny-pixel (2 threads, 16 images in
-one call): about 10% slower than the default kernels, and every image bit-identical
-whatever its batch (1 to 16 images, tests/test_serving_batching.py). Nothing of this
-applies on CUDA, whose kernels make no such promise either.
+before torch runs its first matrix product: `BATCH_INVARIANT_ENV`), every 1x1 convolution
+on torch's native kernel (one image at a time, whatever the batch), the VAE decode on
+the native kernels with contiguous attention outputs. 3x3 convolutions of the UNet stay
+on oneDNN, which gives each image the same result in any batch of two rows or more: the
+UNet always sees two rows per image under classifier-free guidance. (Without guidance,
+guidance_scale <= 1, a lone single-image call would be the exception.)
+
+Measured on the zoo's tiny-pixel (one thread, 16 images in one call): about 12% slower
+than the default kernels at 16 images, the same at one, and every image bit-identical
+whatever its batch (tests/test_serving_batching.py). Eager mode only (the switches are
+process-wide flags, around each call); nothing of this applies on CUDA.
 """
 
 from __future__ import annotations
@@ -39,40 +44,35 @@ def _env_ready() -> bool:
 
 
 def is_batch_invariant(pipe) -> bool:
-    return getattr(pipe.vae, "_sau_batch_invariant", False)
+    return getattr(pipe, "_sau_batch_invariant", False)
 
 
-def batch_invariant(pipe, *, threads: int = 2):
+def batch_invariant(pipe, *, threads: int | None = None):
     """Make `pipe`'s CPU generation independent of the batch an image is in; returns
-    `pipe`. Sets torch's thread count for the process (at least 2). Raises if the process
-    was started without `BATCH_INVARIANT_ENV`, since MKL reads it only at start."""
+    `pipe` (its modules changed in place; patching it with the defence is unaffected).
+    `threads` sets torch's thread count for the process. Raises if the process was
+    started without `BATCH_INVARIANT_ENV`, since MKL reads it only at start."""
     if pipe.device.type != "cpu":
         raise ValueError(f"batch_invariant() is for CPU pipelines; this one is on {pipe.device}")
     if not _env_ready():
         want = " ".join(f"{k}={v}" for k, v in BATCH_INVARIANT_ENV.items())
         raise RuntimeError(f"batch-invariant numerics need {want} in the environment before the process starts "
                            "(MKL reads it once); start the process with it, or pass batch_invariant=False")
-    if threads < 2:
-        raise ValueError("batch_invariant() needs at least 2 torch threads: with one, torch runs 1x1 convolutions "
-                         "on another kernel below 16 images than from 16 up")
-    torch.set_num_threads(threads)
-    vae = pipe.vae
+    if threads is not None:
+        torch.set_num_threads(threads)
     if is_batch_invariant(pipe):
         return pipe
     from diffusers.models.attention_processor import Attention
 
-    for module in vae.modules():
+    for model in (pipe.unet, pipe.vae):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+                module.forward = _natively(module.forward)
+    for module in pipe.vae.modules():
         if isinstance(module, Attention):
             module.register_forward_hook(_contiguous_output)
-    decode = vae.decode
-
-    @functools.wraps(decode)
-    def native_decode(*args, **kwargs):
-        with _native_convolutions():
-            return decode(*args, **kwargs)
-
-    vae.decode = native_decode
-    vae._sau_batch_invariant = True
+    pipe.vae.decode = _natively(pipe.vae.decode)
+    pipe._sau_batch_invariant = True
     return pipe
 
 
@@ -87,6 +87,15 @@ def _native_convolutions():
             yield
     finally:
         torch.backends.mkldnn.enabled = mkldnn
+
+
+def _natively(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _native_convolutions():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _contiguous_output(module, args, output):

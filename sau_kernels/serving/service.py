@@ -127,7 +127,7 @@ class ImageService:
         if batch_invariant is None:
             batch_invariant = torch.device(device).type == "cpu"
         if batch_invariant:
-            make_invariant(pipe, threads=threads or 2)
+            make_invariant(pipe, threads=threads)
         elif threads:
             torch.set_num_threads(threads)
         if profiles:
