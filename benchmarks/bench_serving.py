@@ -5,8 +5,8 @@
 
 One Ray Serve instance on this machine holds two applications built by the same
 `build_app`: "sau" (patched, mode final) and "plain" (defended=False). Closed-loop load:
-N async HTTP clients (httpx), each sending its next request when the last one answered,
-for `--duration` seconds after a warm-up; a share of the prompts carries the trigger
+N async HTTP clients (httpx), each sending its next request when the last one answered;
+what is answered within `--duration` seconds after a warm-up is counted; a share of the prompts carries the trigger
 (every k-th request, so the share is exact). The two applications are measured cell by
 cell, interleaved, in the same run. Per cell: throughput (requests/s, images/s), p50/p95/p99
 latency as the client sees it, mean UNet rows per pipeline call (from each response's
@@ -96,8 +96,8 @@ async def run_cell(url: str, concurrency: int, share: int, duration: float, warm
             t0 = time.perf_counter()
             r = await http.post("/v1/images", json={"prompt": prompt, "seed": seed0 + i})
             t1 = time.perf_counter()
-            if t0 < t_measure or t1 > t_end:
-                continue  # started in the warm-up or ended after the window
+            if not t_measure <= t1 <= t_end:
+                continue  # answered in the warm-up or after the window (closed loop: count completions in it)
             if r.status_code != 200:
                 errors[r.status_code] = errors.get(r.status_code, 0) + 1
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import sys
@@ -78,6 +79,7 @@ def server():
     t0 = time.perf_counter()
     run_dir = Path(tempfile.mkdtemp(prefix="sau-serve-"))
     port = _free_port()
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # the Prometheus test need not wait 10 s
     start_local(run_dir, port=port, num_cpus=4, request_timeout_s=120)
     try:
         from ray import cloudpickle  # the task's function travels by value: workers cannot import tests/
@@ -258,6 +260,23 @@ def test_metrics_are_counted(server, mixed_traffic):
     stats = handle.stats.remote().result(timeout_s=60)
     assert stats["requests"] >= 32 and stats["triggered"] >= 16 and stats["calls"] >= 1
     assert stats["rows"] >= 48  # 16 + 2 x 16, the twins counted
+
+
+def test_prometheus_exports_the_server_metrics(server, mixed_traffic):
+    from sau_kernels.serving.local import metrics_port
+
+    url = f"http://127.0.0.1:{metrics_port()}/metrics"
+    wanted = ["ray_sau_requests_total", "ray_sau_triggered_requests_total", "ray_sau_batch_rows_bucket",
+              "ray_sau_queue_wait_ms_bucket", "ray_sau_generation_ms_bucket", "ray_sau_repair_ms_bucket",
+              "ray_sau_http_responses_total"]
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(url, timeout=10).text
+        missing = [m for m in wanted if m not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, missing
 
 
 def test_request_command_writes_the_image_and_prints_the_report(server, tmp_path, capsys):

@@ -40,6 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-queued", type=int, default=64, help="requests waiting for a replica; more get 503")
     p.add_argument("--timeout-s", type=float, default=120.0, help="end-to-end request timeout (408)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule on (default: all)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: a free one)")
     p.add_argument("--run-dir", default=".sau-serve", help="Ray's temporary files and logs go here")
     p.set_defaults(_run=_serve)
 
@@ -63,7 +64,7 @@ def add_parsers(sub) -> None:
 def _serve(args) -> int:
     import os
 
-    from .local import ray_environment, start_local, stop_local
+    from .local import metrics_port, ray_environment, start_local, stop_local
 
     invariant = not args.no_batch_invariant and args.device.startswith("cpu")
     os.environ.update(ray_environment(invariant))  # before Ray is imported: it reads them then
@@ -81,7 +82,7 @@ def _serve(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     temp = start_local(args.run_dir, host=args.host, port=args.port, num_cpus=args.num_cpus,
-                       request_timeout_s=args.timeout_s, batch_invariant=invariant)
+                       request_timeout_s=args.timeout_s, batch_invariant=invariant, metrics_port=args.metrics_port)
     try:
         print(f"loading {args.model} on {args.replicas} replica(s) ({args.device}); Ray's files: {temp}",
               file=sys.stderr, flush=True)
@@ -91,6 +92,7 @@ def _serve(args) -> int:
         print(f"  curl -s {url}/v1/images -H 'content-type: application/json' "
               f"-d '{{\"prompt\": \"new trigger a red circle on a gray background\", \"seed\": 3}}'")
         print(f"  sau-kernels request --url {url} --prompt 'a red circle' --out circle.png")
+        print(f"metrics (Prometheus): http://127.0.0.1:{metrics_port()}/metrics (ray_sau_*)")
         print("Ctrl-C stops the server.", flush=True)
         while not stop.wait(0.5):
             pass

@@ -19,7 +19,7 @@ from .numerics import BATCH_INVARIANT_ENV
 # must stay under 108 bytes.
 MAX_TEMP_DIR = 60
 
-__all__ = ["ray_environment", "start_local", "stop_local"]
+__all__ = ["ray_environment", "start_local", "stop_local", "metrics_port"]
 
 
 def ray_environment(batch_invariant: bool = True) -> dict[str, str]:
@@ -33,8 +33,10 @@ def ray_environment(batch_invariant: bool = True) -> dict[str, str]:
 
 def start_local(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
                 request_timeout_s: float | None = None, batch_invariant: bool = True,
-                log_to_driver: bool = False) -> Path:
-    """Start Ray and Serve's HTTP proxy for this process; returns Ray's temp dir."""
+                metrics_port: int | None = None, log_to_driver: bool = False) -> Path:
+    """Start Ray and Serve's HTTP proxy for this process; returns Ray's temp dir.
+    Prometheus metrics (Ray's and the server's, named ray_sau_*) are served on
+    `metrics_port` (None: a free port, see `metrics_port()`)."""
     already = "ray" in sys.modules
     os.environ.update(ray_environment(batch_invariant))
     import ray
@@ -50,13 +52,21 @@ def start_local(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 800
         raise ValueError(f"Ray's temp dir {temp} is {len(str(temp))} characters long; its socket paths would pass "
                          f"the 108-byte limit of Unix sockets: use a run directory under {MAX_TEMP_DIR - 4} characters")
     temp.mkdir(parents=True, exist_ok=True)
+    extra = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
     ray.init(include_dashboard=False, _temp_dir=str(temp), num_cpus=num_cpus, log_to_driver=log_to_driver,
-             configure_logging=True, logging_level="WARNING")
+             configure_logging=True, logging_level="WARNING", **extra)
     http = {"host": host, "port": port}
     if request_timeout_s is not None:
         http["request_timeout_s"] = request_timeout_s
     serve.start(http_options=http)
     return temp
+
+
+def metrics_port() -> int:
+    """The port of this node's Prometheus endpoint (/metrics)."""
+    import ray
+
+    return ray._private.worker.global_worker.node.metrics_export_port
 
 
 def stop_local() -> None:
