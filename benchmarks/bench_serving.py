@@ -1,6 +1,6 @@
 """The image server under load: the defended deployment beside the same deployment unpatched.
 
-    python benchmarks/bench_serving.py                  # 1/4/16 clients x 0/10/50/100% triggered, 8 s a cell
+    python benchmarks/bench_serving.py                  # 1/4/16 clients x 0/10/50/100% triggered, 2 x 8 s a cell
     python benchmarks/bench_serving.py --duration 4 --concurrency 1 16 --triggered 0 100   # a small run
 
 One Ray Serve instance on this machine holds two applications built by the same
@@ -8,7 +8,8 @@ One Ray Serve instance on this machine holds two applications built by the same
 N async HTTP clients (httpx), each sending its next request when the last one answered;
 what is answered within `--duration` seconds after a warm-up is counted; a share of the prompts carries the trigger
 (every k-th request, so the share is exact). The two applications are measured cell by
-cell, interleaved, in the same run. Per cell: throughput (requests/s, images/s), p50/p95/p99
+cell, interleaved (`--rounds` windows each, alternating), in the same run; each cell
+records the load average, since another job on the machine moves these numbers. Per cell: throughput (requests/s, images/s), p50/p95/p99
 latency as the client sees it, mean UNet rows per pipeline call (from each response's
 report) and the share of errors. Writes JSON with the machine under benchmarks/results/
 and a plot of throughput and p99 against concurrency.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
 import socket
@@ -46,8 +48,6 @@ def _cpu_model() -> str:
 
 
 def _machine() -> dict:
-    import os
-
     import httpx
     import ray
     import torch
@@ -110,10 +110,24 @@ async def run_cell(url: str, concurrency: int, share: int, duration: float, warm
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
         await asyncio.gather(*(client_loop(http) for _ in range(concurrency)))
+    return {"concurrency": concurrency, "triggered_pct": share, "window_s": duration, "samples": samples,
+            "errors": errors, "loadavg": round(os.getloadavg()[0], 2)}
+
+
+def pool(runs: list[dict]) -> dict:
+    """One cell from several measurement windows: completions over their total time, latencies pooled."""
+    samples = [s for r in runs for s in r["samples"]]
+    duration = sum(r["window_s"] for r in runs)
+    errors: dict = {}
+    for r in runs:
+        for code, n in r["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    concurrency, share = runs[0]["concurrency"], runs[0]["triggered_pct"]
     lat = [s["latency_s"] for s in samples]
     calls = {s["call"]: (s["rows"], s["requests"]) for s in samples}
     return {
-        "concurrency": concurrency, "triggered_pct": share, "window_s": duration, "completed": len(samples),
+        "concurrency": concurrency, "triggered_pct": share, "window_s": duration, "windows": len(runs),
+        "completed": len(samples), "loadavg": [r["loadavg"] for r in runs],
         "errors": errors, "throughput_rps": len(samples) / duration,
         "p50_ms": _percentile(lat, 0.50) * 1e3, "p95_ms": _percentile(lat, 0.95) * 1e3,
         "p99_ms": _percentile(lat, 0.99) * 1e3,
@@ -155,7 +169,7 @@ def plot(results: dict, path: Path) -> None:
     ax_t.legend(fontsize=7)
     m = results["machine"]
     fig.suptitle(f"sau-kernels serve, {results['config']['model']}, {m['cpu']} ({m['cores']} cores), "
-                 f"{results['config']['duration_s']:g} s per point", fontsize=9)
+                 f"{results['config']['rounds']} x {results['config']['duration_s']:g} s per point", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -183,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--triggered", type=int, nargs="+", default=[0, 10, 50, 100], help="percent of prompts")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds per cell before measuring")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measurements per cell and deployment, alternating the two (pooled)")
     parser.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: Ray's, 1)")
@@ -194,8 +210,6 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from sau_kernels.serving.local import ray_environment, start_local, stop_local
-
-    import os
 
     invariant = not args.no_batch_invariant
     os.environ.update(ray_environment(invariant))
@@ -222,16 +236,21 @@ def main(argv=None) -> int:
         k = 0
         for conc in args.concurrency:
             for share in args.triggered:
-                order = ("plain", "sau") if k % 2 == 0 else ("sau", "plain")
+                runs = {"plain": [], "sau": []}
+                for r in range(args.rounds):  # plain, sau, sau, plain, ...: drift hits both alike
+                    for variant in (("plain", "sau") if (k + r) % 2 == 0 else ("sau", "plain")):
+                        runs[variant].append(asyncio.run(run_cell(
+                            f"http://127.0.0.1:{port}/{variant}", conc, share, args.duration, args.warmup, trigger,
+                            seed0=100000 * k + 1000 * r)))
                 k += 1
-                for variant in order:
-                    cell = asyncio.run(run_cell(f"http://127.0.0.1:{port}/{variant}", conc, share, args.duration,
-                                                args.warmup, trigger, seed0=1000 * k))
+                for variant in ("plain", "sau"):
+                    cell = pool(runs[variant])
                     cell["variant"] = variant
                     cells.append(cell)
                     print(f"{variant:5s} clients={conc:2d} triggered={share:3d}%  {cell['throughput_rps']:6.2f} req/s  "
                           f"p50 {cell['p50_ms']:7.0f} ms  p99 {cell['p99_ms']:7.0f} ms  rows/call "
-                          f"{cell['mean_batch_rows']:.1f}  errors {cell['errors']}", file=sys.stderr, flush=True)
+                          f"{cell['mean_batch_rows']:.1f}  errors {cell['errors']}  load {cell['loadavg']}",
+                          file=sys.stderr, flush=True)
     finally:
         stop_local()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -239,7 +258,7 @@ def main(argv=None) -> int:
     results = {
         "benchmark": "bench_serving", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": dict(base, duration_s=args.duration, warmup_s=args.warmup, batch_invariant=invariant,
+        "config": dict(base, duration_s=args.duration, warmup_s=args.warmup, rounds=args.rounds, batch_invariant=invariant,
                        mode="final", steps=20, image="64x64"),
         "startup_s": round(startup, 1), "cells": cells,
     }

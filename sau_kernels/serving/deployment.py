@@ -173,7 +173,10 @@ class SAUModel:
     async def _batched(self, items: list[batching.Planned]) -> list[dict]:
         # The pipeline runs in a worker thread: the replica's event loop stays free to
         # queue requests, answer health checks and take cancellations meanwhile.
-        results = await asyncio.to_thread(self.service.run, items)
+        try:
+            results = await asyncio.to_thread(self.service.run, items)
+        except Exception as e:  # noqa: BLE001 - never fail a batch as a whole
+            results = [RequestError(500, f"{type(e).__name__}: {e}") for _ in items]
         self.metrics.record(results, lambda i: items[i].key.mode)
         return [_error_json(r) if isinstance(r, RequestError) else r for r in results]
 
@@ -211,12 +214,16 @@ class SAUIngress:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
+        """200 while the model deployment is healthy (asked of Serve's controller, not of a
+        replica, whose request slots may all be taken by a busy batch)."""
         try:
             lim = await asyncio.wait_for(self.limits(), timeout=10)
+            status = await asyncio.wait_for(asyncio.to_thread(_model_status), timeout=10)
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"status": "unavailable", "error": f"{type(e).__name__}: {e}"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.config.model, "defended": lim.defended,
-                             "modes": list(lim.modes)})
+        ok = status not in ("UNHEALTHY", "DEPLOY_FAILED", "UNKNOWN")
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.config.model, "deployment": status,
+                             "defended": lim.defended, "modes": list(lim.modes)}, status_code=200 if ok else 503)
 
     @app.get("/v1/config")
     async def config(self) -> dict:
@@ -246,11 +253,22 @@ class SAUIngress:
             retry = max(1, int(round(self.config.retry_after_s)))
             return self._answer(503, {"error": f"the server is at capacity: {e.message}", "status": 503}, t0,
                                 headers={"Retry-After": str(retry)})
+        except Exception as e:  # noqa: BLE001 - a replica that died, an unexpected error: this request's 500
+            logger.exception("request failed")
+            return self._answer(500, {"error": f"{type(e).__name__}: {e}", "status": 500}, t0)
         if "__error__" in result:
             err = result["__error__"]
             return self._answer(err["status"], err, t0)
         result["report"]["timings"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         return self._answer(200, result, t0)
+
+
+def _model_status() -> str:
+    """The SAUModel deployment's status in this application, from Serve's controller."""
+    app_name = serve.get_replica_context().app_name
+    deployments = serve.status().applications[app_name].deployments
+    model = deployments.get("SAUModel")
+    return "UNKNOWN" if model is None else str(getattr(model.status, "value", model.status))
 
 
 def build_app(args: dict | None = None):
