@@ -181,6 +181,15 @@ class SAUModel:
         return [_error_json(r) if isinstance(r, RequestError) else r for r in results]
 
 
+def _model_status() -> str:
+    """The SAUModel deployment's status in this application, from Serve's controller. (Above
+    the ingress class: defined below it, the name was missing in the ingress replica.)"""
+    app_name = serve.get_replica_context().app_name
+    deployments = serve.status().applications[app_name].deployments
+    model = deployments.get("SAUModel")
+    return "UNKNOWN" if model is None else str(getattr(model.status, "value", model.status))
+
+
 app = FastAPI(title="sau_kernels image server",
               description="Stable Diffusion behind the SAU defence against text-trigger backdoors.")
 
@@ -261,14 +270,6 @@ class SAUIngress:
             return self._answer(err["status"], err, t0)
         result["report"]["timings"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         return self._answer(200, result, t0)
-
-
-def _model_status() -> str:
-    """The SAUModel deployment's status in this application, from Serve's controller."""
-    app_name = serve.get_replica_context().app_name
-    deployments = serve.status().applications[app_name].deployments
-    model = deployments.get("SAUModel")
-    return "UNKNOWN" if model is None else str(getattr(model.status, "value", model.status))
 
 
 def build_app(args: dict | None = None):
