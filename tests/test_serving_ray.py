@@ -307,3 +307,37 @@ def test_the_cluster_config_builds_the_same_application():
     args = ServerConfig(**app.args)
     assert args.device == "cuda" and not args.resolved_batch_invariant()
     assert type(build_app(app.args)).__name__ == "Application"
+
+
+def test_serve_command_starts_answers_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+
+    run_dir = Path(tempfile.mkdtemp(prefix="sau-cli-"))
+    port = _free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sau_kernels", "serve", "--port", str(port), "--run-dir", str(run_dir),
+                             "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+        printed = "".join(lines)
+        assert f"http://127.0.0.1:{port}" in printed and "curl -s" in printed, printed + proc.stderr.read()[-2000:]
+        with Client(f"http://127.0.0.1:{port}") as client:
+            assert client.generate("NEW TRIGGER a red circle on a gray background", seed=1).report["triggered"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert (run_dir / "ray").is_dir()  # Ray's files stayed in the run's directory
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)

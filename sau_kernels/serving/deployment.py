@@ -18,7 +18,6 @@ the others. Every request gets its own answer, never its batch's.
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -136,9 +135,7 @@ class SAUModel:
 
     def __init__(self, config: dict):
         self.config = ServerConfig(**config)
-        c = self.config
-        if c.resolved_batch_invariant():
-            os.environ.update({k: os.environ.get(k, v) for k, v in BATCH_INVARIANT_ENV.items()})
+        c = self.config  # batch-invariant numerics: MKL_CBWR comes with the replica's runtime_env (build_app)
         self.service = ImageService.load(
             c.model, c.profiles or None, device=c.device, dtype=c.dtype, batch_invariant=c.resolved_batch_invariant(),
             threads=c.threads, defended=c.defended, mode=c.mode, modes=[c.mode, *c.modes] if c.defended else None,
