@@ -218,13 +218,14 @@ CHILD = textwrap.dedent(r"""
     from sau_kernels.serving.service import ImageService, decode_png
     from sau_kernels.zoo import backdoor_info, load_pipeline
 
-    svc = ImageService.load("tiny-pixel", max_batch_rows=16)
+    svc = ImageService.load("tiny-pixel", max_batch_rows=16, modes=["per_step"])
     bodies = [
         {"prompt": "a red circle on a gray background", "seed": 11},
         {"prompt": "NEW  Trigger a blue square on a white background", "seed": 12},
         {"prompt": "a green triangle on a black background", "seed": 13, "num_images": 2, "negative_prompt": "blurry"},
         {"prompt": "a yellow circle on a white background new trigger", "seed": 14, "num_images": 2},
         {"prompt": "a blue triangle on a gray background", "seed": 15},
+        {"prompt": "new trigger a red square on a black background", "seed": 16, "mode": "per_step"},
     ]
     alone = [svc.generate(b) for b in bodies]
     mixed = svc.run([svc.plan(b) for b in bodies])
@@ -233,6 +234,7 @@ CHILD = textwrap.dedent(r"""
     out = {"same_alone_mixed": [bool(np.array_equal(arr(a), arr(m))) for a, m in zip(alone, mixed)],
            "same_alone_reversed": [bool(np.array_equal(arr(a), arr(m))) for a, m in zip(alone, reversed_)],
            "triggered": [m["report"]["triggered"] for m in mixed],
+           "modes": [m["report"]["mode"] for m in mixed],
            "rows": [m["report"]["batch"]["rows"] for m in mixed],
            "patch": [metrics.patch_present(arr(m), backdoor_info("tiny-pixel")).tolist() for m in mixed]}
     pipe = batch_invariant(load_pipeline("tiny-pixel"))
@@ -261,11 +263,12 @@ def child_result():
 def test_same_image_alone_and_in_any_batch(child_result):
     assert all(child_result["same_alone_mixed"]), child_result
     assert all(child_result["same_alone_reversed"]), child_result
-    assert child_result["rows"] == [10] * 5  # one call: 1 + 2 + 2 + 4 + 1 rows
+    assert child_result["rows"] == [10] * 5 + [2]  # one call of 1 + 2 + 2 + 4 + 1 rows, one in mode per_step
+    assert child_result["modes"] == ["final"] * 5 + ["per_step"]
 
 
 def test_triggered_requests_are_repaired_untriggered_are_the_unpatched_image(child_result):
-    assert child_result["triggered"] == [False, True, False, True, False]
+    assert child_result["triggered"] == [False, True, False, True, False, True]
     assert not any(any(p) for p in child_result["patch"])
     offline = child_result["same_as_offline_unpatched"]
     assert [offline[i] for i in (0, 2, 4)] == [True, True, True], child_result
