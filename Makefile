@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): setup.py $(wildcard csrc/*.h csrc/*.cpp)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet torch==2.13.0 ninja
-	MAX_JOBS=1 $(PY) -m pip install --quiet --no-build-isolation -e '.[test]'
+	MAX_JOBS=1 $(PY) -m pip install --quiet --no-build-isolation -e '.[test,serve]'
 	touch $@
 
 test: venv check-cuda

@@ -80,6 +80,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "kornia", "pytest-benchmark", "triton", "matplotlib"],
+        # The HTTP server (sau_kernels.serving): tested with ray 2.60.0, fastapi 0.165, httpx 0.29.
+        "serve": ["ray[serve]>=2.60,<2.61", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["sau-kernels = sau_kernels.cli:main"]},
     ext_modules=[_extension()],

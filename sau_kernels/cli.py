@@ -63,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--composite", choices=("pixel",), default=None)
             p.add_argument("--allow-mismatch", action="store_true")
             p.add_argument("--out", required=True, help="image path; several prompts write NAME-0.png, NAME-1.png, ...")
+    from .serving.cli import add_parsers as add_serving_parsers  # serve, request
+
+    add_serving_parsers(sub)
     return parser
 
 
@@ -83,6 +86,8 @@ def _load(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if hasattr(args, "_run"):  # the serving commands
+        return args._run(args)
     if args.command == "demo":
         from .demo import run_demo
 
