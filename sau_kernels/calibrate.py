@@ -10,7 +10,6 @@ import copy
 
 import warnings
 from importlib import resources
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -22,24 +21,10 @@ ACT_SIGMA = 2.0
 ACT_KSIZE = 5
 
 
-def default_prompts(pipe) -> list[str]:
-    """The zoo's captions for a zoo model, generic SD prompts otherwise."""
-    if _is_zoo_model(pipe):
-        from .zoo import world
-
-        return [world.caption(*c) for c in world.train_combinations()]
-    return ordinary_prompts()
-
-
 def ordinary_prompts() -> list[str]:
     """The package's generic SD prompts (data/calibration_prompts.txt)."""
     text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _is_zoo_model(pipe) -> bool:
-    path = Path(str(getattr(pipe.config, "_name_or_path", "") or ""))
-    return (path / "backdoor.json").is_file()
 
 
 POSITIONS = ("prepend", "append", "inside", "substitute")
@@ -96,7 +81,8 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
               positions: tuple[str, ...] | None = None) -> TriggerProfile:
     """Measure the trigger latent of `trigger` in `pipe` from `num_pairs` prompt pairs.
 
-    Pair i uses prompt `prompts[i % len(prompts)]`, seed `seed + i`, and the trigger at
+    Pair i uses prompt `prompts[i % len(prompts)]` (default: the package's generic SD
+    prompts, `ordinary_prompts()`), seed `seed + i`, and the trigger at
     `positions[i % len(positions)]` (see `poisoned_prompt`; default `default_positions`). With `per_step`
     the profile also holds each sampling step's statistics (for mode "per_step"), with
     `per_step_eps` those of the guided noise predictions (for mode "per_step_eps").
@@ -120,7 +106,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string (it would calibrate on its characters)")
-    prompts = list(prompts) if prompts is not None else default_prompts(pipe)
+    prompts = list(prompts) if prompts is not None else ordinary_prompts()
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     trig_ids = trigger_token_ids(pipe.tokenizer, trigger)

@@ -84,12 +84,12 @@ def _load(args):
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from .zoo.demo import run_demo  # the zoo's, lazily: the CLI application layer only
 
         run_demo(args.out, n=args.n)
     elif args.command == "evaluate":
-        from .demo import zoo_profile
-        from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS, evaluate_defence, format_rows
+        from .zoo import zoo_profile  # the zoo's, lazily: the CLI application layer only
+        from .zoo.evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS, evaluate_defence, format_rows
 
         parts, rows = [], []
         for m in args.models:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sau_kernels import metrics
+from sau_kernels.zoo import metrics
 from sau_kernels.zoo import NAMES, backdoor_info, load_pipeline, model_dir, world
 from sau_kernels.zoo import tokenizer as zoo_tokenizer
 from sau_kernels.zoo.evaluate import generate, held_out_cases, with_trigger
