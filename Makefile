@@ -4,14 +4,14 @@ STAMP   := .venv/.sau-installed
 NVCC    := $(shell command -v nvcc 2>/dev/null)
 CUDA_OBJ := /tmp/sau_repair_cuda_check.o
 
-.PHONY: venv test check-cuda demo bench bench-gpu gpu-wheels clean
+.PHONY: venv test check-cuda check-install demo bench bench-gpu gpu-wheels clean
 
 venv: $(STAMP)
 
 # torch==2.13.0 first and pinned: the CPU build lies on this disk, while a plain `torch`
 # would pull a multi-GB CUDA build. --no-build-isolation builds against that torch.
 # Rebuilt when setup.py or the C++ sources change; MAX_JOBS=1 keeps the build to one core.
-$(STAMP): setup.py $(wildcard csrc/*.h csrc/*.cpp)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet torch==2.13.0 ninja
 	MAX_JOBS=1 $(PY) -m pip install --quiet --no-build-isolation -e '.[test,serve]'
@@ -40,6 +40,11 @@ endif
 
 demo: venv
 	$(PY) -m sau_kernels demo
+
+# pip install -e . and pip install . in fresh venvs, with old and new pip and setuptools
+# (about 7 minutes on 2 cores; not part of `make test`).
+check-install:
+	bash .ci/check_editable_install.sh
 
 # CPU benchmark of every provider; SAU_BENCH_THREADS=N pins torch's thread count.
 bench: venv

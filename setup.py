@@ -1,7 +1,8 @@
-"""Build sau_kernels: always the C++ CPU extension, CUDA too when possible.
+"""Build sau_kernels' extension: always the C++ CPU kernel, the CUDA kernel too when possible.
 
-Install with `pip install --no-build-isolation -e .[test]` (torch must already be
-in the environment: build isolation would fetch a multi-GB CUDA torch).
+Everything else (metadata, dependencies, package data) is in pyproject.toml. Install with
+`pip install --no-build-isolation -e .[test]` once torch is in the environment: build
+isolation would fetch a fresh torch (a multi-GB CUDA build) and build against it.
 
 Environment:
   FORCE_CUDA=1           build the CUDA kernel even if torch reports no CUDA
@@ -15,7 +16,7 @@ import subprocess
 import tempfile
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
@@ -59,32 +60,9 @@ def _extension():
     )
 
 
+# Metadata, dependencies, packages and package data are in pyproject.toml; setup.py adds only
+# the compiled extension, which needs torch's build helpers.
 setup(
-    name="sau_kernels",
-    version="0.1.0",
-    description="Spatial Attention Unlearning (SAU) for diffusers Stable Diffusion pipelines: "
-    "fused repair kernels against text-trigger backdoors",
-    packages=find_packages(include=["sau_kernels", "sau_kernels.*"]),
-    # The model zoo's tiny models and the calibration prompts ship as package data.
-    package_data={"sau_kernels": ["zoo/**/*", "data/*"]},
-    include_package_data=True,
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "diffusers",
-        "transformers",
-        "tqdm",
-        "pillow",
-    ],
-    extras_require={
-        "test": ["pytest", "hypothesis", "kornia", "pytest-benchmark", "triton", "matplotlib"],
-        # The HTTP server (sau_kernels.serving): tested with ray 2.60.0, fastapi 0.165, httpx 0.29.
-        "serve": ["ray[serve]>=2.60,<2.61", "httpx>=0.27"],
-    },
-    entry_points={"console_scripts": ["sau-kernels = sau_kernels.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    zip_safe=False,
 )

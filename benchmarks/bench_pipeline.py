@@ -338,7 +338,7 @@ def main(argv=None):
         profile = synthetic_profile(pipe, "new trigger", args.steps)
         prompts, tag = SD_PROMPTS, "sd15-random-512"
     else:
-        from sau_kernels.demo import zoo_profile
+        from sau_kernels.zoo import zoo_profile
         from sau_kernels.zoo import load_pipeline
 
         pipe = load_pipeline("tiny-pixel", device=args.device, dtype=dtype)

@@ -62,9 +62,8 @@ def build(model: str, kind: str, scheduler: str):
 
 
 def run_config(model, kind, scheduler, generator, n, batch, steps):
-    from sau_kernels import metrics
-    from sau_kernels.demo import zoo_profile
-    from sau_kernels.evaluation import trigger_region
+    from sau_kernels.zoo import metrics, zoo_profile
+    from sau_kernels.zoo.evaluation import trigger_region
     from sau_kernels.zoo import backdoor_info
     from sau_kernels.zoo.evaluate import held_out_cases
 

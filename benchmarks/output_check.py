@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import sau_kernels
-from sau_kernels.demo import zoo_profile
+from sau_kernels.zoo import zoo_profile
 from sau_kernels.zoo import backdoor_info, load_pipeline
 from sau_kernels.zoo.attacks import non_trigger_perturbations
 from sau_kernels.zoo.evaluate import held_out_cases, place

@@ -1,4 +1,4 @@
-// Per-pixel math of the SAU repair (SAU_SPEC sections 3 and 4), shared by the
+// Per-pixel math of the SAU repair (docs/method.md, sections 3 and 4), shared by the
 // C++ CPU kernel and the CUDA kernel so that the CPU build CI runs exercises
 // the arithmetic the GPU runs. Plain C++ and no torch headers: nvcc compiles
 // it without torch, g++ without CUDA.

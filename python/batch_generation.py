@@ -10,7 +10,7 @@ the masks covered.
 import torch
 
 import sau_kernels
-from sau_kernels.demo import zoo_profile
+from sau_kernels.zoo import zoo_profile
 from sau_kernels.zoo import load_pipeline
 
 pipe = load_pipeline("tiny-pixel")

@@ -24,7 +24,7 @@ args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16 if device == "cuda" else torch.float32
-pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device)
 try:
     pipe.enable_xformers_memory_efficient_attention()  # SAU never touches attention processors
 except Exception as e:  # no xformers: diffusers' default SDPA attention works the same

@@ -1,4 +1,4 @@
-"""Calibration: trigger profiles from prompt pairs (SAU_SPEC section 2).
+"""Calibration: trigger profiles from prompt pairs (docs/method.md, section 2).
 
 Each pair is `trigger + prompt` (poisoned) and `prompt` (clean), generated from the same
 initial noise; all pairs of a chunk go through the sampler in one batched call.
@@ -7,10 +7,9 @@ initial noise; all pairs of a chunk go through the sampler in one batched call.
 from __future__ import annotations
 
 import copy
-
+import math
 import warnings
 from importlib import resources
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -22,24 +21,10 @@ ACT_SIGMA = 2.0
 ACT_KSIZE = 5
 
 
-def default_prompts(pipe) -> list[str]:
-    """The zoo's captions for a zoo model, generic SD prompts otherwise."""
-    if _is_zoo_model(pipe):
-        from .zoo import world
-
-        return [world.caption(*c) for c in world.train_combinations()]
-    return ordinary_prompts()
-
-
 def ordinary_prompts() -> list[str]:
     """The package's generic SD prompts (data/calibration_prompts.txt)."""
     text = resources.files("sau_kernels").joinpath("data/calibration_prompts.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def _is_zoo_model(pipe) -> bool:
-    path = Path(str(getattr(pipe.config, "_name_or_path", "") or ""))
-    return (path / "backdoor.json").is_file()
 
 
 POSITIONS = ("prepend", "append", "inside", "substitute")
@@ -51,6 +36,13 @@ KEEP_POSITION = 0.5
 # ordinary words 0.028-0.061 ("photo", "silver lining" on tiny-pixel and tiny-style), the
 # zoo's triggers 0.53 (patch) and 0.67 (style).
 MIN_EFFECT = 0.15
+# `trigger_snr`, reported beside it, tells a fixed pattern from noise but not a backdoor from
+# none, so no rule rests on it. On 24 held-out pairs: the patch trigger 4.1, ordinary words
+# 1.1-1.6 ("photo", "silver lining"), the style trigger 0.8 (its change differs from image
+# to image).
+# A trigger that this share of the calibration prompts already contains (as the screen reads
+# them) is no trigger of theirs: their clean side is triggered too.
+MAX_COMMON = 0.5
 
 
 def default_positions(trigger: str) -> tuple[str, ...]:
@@ -85,7 +77,32 @@ def _latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int
     vsf = pipe.vae_scale_factor
     h = height or pipe.unet.config.sample_size * vsf
     w = width or pipe.unet.config.sample_size * vsf
+    for name, v in (("height", h), ("width", w)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < vsf or v % vsf:
+            raise ValueError(f"{name} must be a positive multiple of the VAE's scale factor {vsf}, got {v!r}")
     return (pipe.unet.config.in_channels, h // vsf, w // vsf)
+
+
+def _refuse_or_warn(strict: bool, message: str, stacklevel: int) -> None:
+    """ValueError with `strict`, else a warning pointing `stacklevel` frames up (to the caller
+    of `calibrate`, past its no_grad wrapper)."""
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def _check_trigger_is_rare(trigger: str, prompts: list[str], strict: bool) -> float:
+    """The share of the calibration prompts that already contain the trigger, as the screen
+    reads them; warn (or refuse, with `strict`) when most do."""
+    from .screening import TriggerMatcher, screen_prompts
+
+    share = sum(s.triggered for s in screen_prompts(TriggerMatcher(trigger), prompts)) / len(prompts)
+    if share >= MAX_COMMON:
+        _refuse_or_warn(strict, f"trigger {trigger!r} is already in {share:.0%} of the calibration prompts (as the "
+                                "screen reads them): their clean side carries it too, so the profile would measure "
+                                "little, and a patched pipeline would take the defended path for most prompts. Is "
+                                "it the model's trigger?", stacklevel=4)
+    return share
 
 
 @torch.no_grad()
@@ -93,13 +110,22 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
               num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 0,
               per_step: bool = True, per_step_eps: bool = False, progress: bool = True,
               batch_pairs: int = 16, height: int | None = None, width: int | None = None,
-              positions: tuple[str, ...] | None = None) -> TriggerProfile:
+              positions: tuple[str, ...] | None = None, strict: bool = False) -> TriggerProfile:
     """Measure the trigger latent of `trigger` in `pipe` from `num_pairs` prompt pairs.
 
-    Pair i uses prompt `prompts[i % len(prompts)]`, seed `seed + i`, and the trigger at
+    Pair i uses prompt `prompts[i % len(prompts)]` (default: the package's generic SD
+    prompts, `ordinary_prompts()`), seed `seed + i`, and the trigger at
     `positions[i % len(positions)]` (see `poisoned_prompt`; default `default_positions`). With `per_step`
     the profile also holds each sampling step's statistics (for mode "per_step"), with
     `per_step_eps` those of the guided noise predictions (for mode "per_step_eps").
+
+    The profile's `params` report how strong the trigger is: `trigger_strength` (a pair's
+    change against a latent's size, at the trigger's strongest position) and `trigger_snr`
+    (the norm of delta against its standard error over the pairs: near 1 for a change that
+    differs from image to image at random). Calibration warns, or with `strict=True` raises
+    ValueError, when the trigger changes the latents by less than `MIN_EFFECT` (no
+    measurable effect: not the model's trigger, or misspelt), and when at least `MAX_COMMON`
+    of the calibration prompts already contain it.
     """
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -107,7 +133,9 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     from .hooks import TwinConditioning
     from .pipeline import call_unpatched
 
-    if not isinstance(trigger, str) or not trigger.strip():
+    if not isinstance(trigger, str):
+        raise TypeError(f"trigger must be text, got {type(trigger).__name__}")
+    if not trigger.strip():
         raise ValueError("trigger must be non-empty text")
     positions = tuple(positions) if positions is not None else default_positions(trigger)
     if not positions or any(p not in POSITIONS for p in positions):
@@ -116,13 +144,24 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         raise ValueError(f"per_step_eps statistics are taken once per UNet evaluation, and "
                          f"{type(pipe.scheduler).__name__} makes two per step: calibrate them with a first-order "
                          "scheduler")
-    if num_pairs < 1:
-        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    if isinstance(prompts, str):
+    for name, v in (("num_pairs", num_pairs), ("num_inference_steps", num_inference_steps),
+                    ("batch_pairs", batch_pairs)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    if not math.isfinite(guidance_scale) or guidance_scale <= 0:
+        raise ValueError(f"guidance_scale must be a positive finite number, got {guidance_scale}")
+    if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a list of prompts, not one string (it would calibrate on its characters)")
-    prompts = list(prompts) if prompts is not None else default_prompts(pipe)
+    prompts = list(prompts) if prompts is not None else ordinary_prompts()
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be strings, got {sorted({type(p).__name__ for p in prompts})}")
+    common = _check_trigger_is_rare(trigger, [prompts[i % len(prompts)] for i in range(num_pairs)], strict)
     trig_ids = trigger_token_ids(pipe.tokenizer, trigger)
     device = pipe._execution_device
     dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype
@@ -142,6 +181,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     quiet._progress_bar_config = dict(getattr(pipe, "_progress_bar_config", {}), disable=True)
     timesteps: list[float] = []  # the scheduler's timestep at each complete step
     bar = tqdm(total=num_pairs, desc=f"calibrating {trigger!r}", unit="pair", disable=not progress)
+    main_share = 2 / 3.5 if per_step_eps else 1.0  # the eps pass runs 1.5 rows a pair, the main pass 2
     try:
         for start in range(0, num_pairs, batch_pairs):
             idx = list(range(start, min(num_pairs, start + batch_pairs)))
@@ -152,9 +192,18 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             ])
             n = len(idx)
 
+            def advance(share: float) -> None:
+                """The bar counts pairs: it moves as this chunk's sampling goes (`share` done)."""
+                target = start + math.floor(n * min(share, 1.0) + 1e-9)
+                if target > bar.n:
+                    bar.update(target - bar.n)
+
             done = []
 
             def on_step(p, i, t, kw):
+                advance(main_share * (i + 1) / max(getattr(p, "num_timesteps", num_inference_steps), 1))
+                if not per_step:
+                    return {}
                 if i < p.num_timesteps - 1 and not getattr(p.scheduler, "state_in_first_order", True):
                     return {}  # half of a second-order step (Heun, DPM2): x is not an x_t
                 x = kw["latents"]
@@ -167,7 +216,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="latent")
             z = call_unpatched(quiet, poisoned + clean_prompts, latents=torch.cat([noise, noise]),
-                               callback_on_step_end=on_step if per_step else None, **size).images
+                               callback_on_step_end=on_step, **size).images
             if per_step and len(done) != num_inference_steps:
                 raise ValueError(f"the scheduler ran {len(done)} complete steps for num_inference_steps="
                                  f"{num_inference_steps}: per-step statistics need one per step")
@@ -187,9 +236,14 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
                     return None
 
                 twin, _ = pipe.encode_prompt(clean_prompts, device, 1, False)
+
+                def on_eps_step(p, i, t, kw):
+                    advance(main_share + (1 - main_share) * (i + 1) / max(getattr(p, "num_timesteps", 1), 1))
+                    return {}
+
                 with TwinConditioning(pipe.unet, twin, list(range(n)), guidance_scale, on_eps):
-                    call_unpatched(quiet, poisoned, latents=noise, **size)
-            bar.update(n)
+                    call_unpatched(quiet, poisoned, latents=noise, callback_on_step_end=on_eps_step, **size)
+            advance(1.0)
     finally:
         bar.close()
 
@@ -209,11 +263,12 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     rows = [r for r, q in enumerate(pair_positions) if q in kept]
     check = _output_check_stats(z_p[rows], z_c[rows], delta, act)
     strength = max(effect.values())
+    snr = _delta_snr(z_p[rows] - z_c[rows])
     if strength < MIN_EFFECT:
-        warnings.warn(
+        _refuse_or_warn(strict,
             f"trigger {trigger!r} has no measurable effect on this model: it changes the final latents by "
             f"{strength:.1%} of their size, wherever it stands in the prompt (ordinary words change them by "
-            f"under {MIN_EFFECT:.0%}). Is it the model's trigger, spelt as the attack uses it?", stacklevel=2)
+            f"under {MIN_EFFECT:.0%}). Is it the model's trigger, spelt as the attack uses it?", stacklevel=3)
     steps_delta = steps_act = eps_delta = eps_act = None
     if per_step:
         steps_delta = torch.stack([mean_of(f"step{i}") for i in range(num_inference_steps)])
@@ -229,7 +284,8 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         num_pairs=num_pairs, guidance_scale=guidance_scale,
         params={"seed": seed, "act_sigma": ACT_SIGMA, "act_ksize": ACT_KSIZE, "num_prompts": len(prompts),
                 "positions": list(positions), "effect_by_position": effect, "positions_kept": kept,
-                "trigger_strength": strength, **({"timesteps": timesteps} if per_step else {}), **check},
+                "trigger_strength": strength, "trigger_snr": snr, "trigger_in_prompts": common,
+                **({"timesteps": timesteps} if per_step else {}), **check},
     )
 
 
@@ -240,6 +296,19 @@ def _effect_by_position(z_p: torch.Tensor, z_c: torch.Tensor, pair_positions: li
     size = z_c.flatten(1).norm(dim=1).mean()
     return {q: float(change[[r for r, p in enumerate(pair_positions) if p == q]].mean() / size)
             for q in dict.fromkeys(pair_positions)}
+
+
+def _delta_snr(d: torch.Tensor) -> float | None:
+    """||delta|| against its standard error, from the pairs' changes d (N, C, H, W): the mean
+    change is delta, the spread the root mean square of each pair's distance from it. None
+    where there is no spread to measure (one pair, or pairs that all changed alike)."""
+    n = d.shape[0]
+    if n < 2:
+        return None
+    d = d.flatten(1).double()
+    delta = d.mean(dim=0)
+    spread = float((d - delta).norm(dim=1).pow(2).sum() / (n - 1)) ** 0.5
+    return float(delta.norm()) * n ** 0.5 / spread if spread > 0 else None
 
 
 def _output_check_stats(poisoned: torch.Tensor, clean: torch.Tensor, delta: torch.Tensor, act: torch.Tensor) -> dict:

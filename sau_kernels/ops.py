@@ -229,7 +229,7 @@ def repair(
     out: torch.Tensor | None = None,
     return_coverage: bool = False,
 ) -> torch.Tensor:
-    """Repair poisoned latents z_p with clean latents z_c where the trigger acts (SAU_SPEC section 3).
+    """Repair poisoned latents z_p with clean latents z_c where the trigger acts (docs/method.md, section 3).
 
     z_p, z_c: (B, C, H, W) fp16/bf16/fp32 of one dtype; delta: (C, H, W); act: (H, W) (any float
     dtype, any strides). Returns a tensor of z_p's shape and dtype, or writes into `out` (which
@@ -251,7 +251,7 @@ def repair(
 
 
 def secondary_map(delta: torch.Tensor, sigma: float = 2.0, ksize: int = 5) -> torch.Tensor:
-    """act for a profile: blurred, min-max normalised channel L2 norm of delta (SAU_SPEC section 2)."""
+    """act for a profile: blurred, min-max normalised channel L2 norm of delta (docs/method.md, section 2)."""
     if not isinstance(delta, torch.Tensor):
         raise TypeError(f"secondary_map: delta must be a torch.Tensor, got {type(delta).__name__}")
     if not delta.is_floating_point():

@@ -1,4 +1,4 @@
-"""SAU_SPEC sections 2-4 in eager PyTorch: the oracle every backend is tested against.
+"""docs/method.md, sections 2-4, in eager PyTorch: the oracle every backend is tested against.
 
 Written for clarity, not speed: each line is one formula of the spec. All
 arithmetic is fp32 whatever the storage dtype; the result is cast back to

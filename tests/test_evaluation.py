@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sau_kernels import evaluation
-from sau_kernels.demo import zoo_profile
-from sau_kernels.evaluation import Config, cases, evaluate_defence, format_rows, trigger_region
+from sau_kernels.zoo import evaluation, zoo_profile
+from sau_kernels.zoo.evaluation import Config, cases, evaluate_defence, format_rows, trigger_region
 from sau_kernels.zoo import backdoor_info
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import sau_kernels
-from sau_kernels import ProfileMismatchError, TriggerProfile, metrics
-from sau_kernels.demo import zoo_profile
-from sau_kernels.zoo import backdoor_info, load_pipeline
+from sau_kernels import ProfileMismatchError, TriggerProfile
+from sau_kernels.zoo import metrics, zoo_profile
+from sau_kernels.zoo import backdoor_info, calibration_prompts, load_pipeline
 from sau_kernels.zoo.evaluate import held_out_cases
 
 STEPS = 20
@@ -326,7 +326,7 @@ def test_profile_with_wrong_shapes_is_refused(profile):
 
 
 def test_calibrate_small(pipe):
-    p = sau_kernels.calibrate(pipe, "new trigger", num_pairs=4, num_inference_steps=4, progress=False)
+    p = sau_kernels.calibrate(pipe, "new trigger", calibration_prompts(), num_pairs=4, num_inference_steps=4, progress=False)
     assert p.delta.shape == (4, 16, 16) and p.act.shape == (16, 16)
     assert p.delta_steps.shape == (4, 4, 16, 16) and torch.equal(p.delta_steps[-1], p.delta)
     assert 0.0 <= float(p.act.min()) and float(p.act.max()) <= 1.0
@@ -388,7 +388,7 @@ def test_patch_rejects_bad_output_check(pipe, profile):
 
 def test_two_profiles_defend_each_row_with_its_own(pipe, profile, info):
     with pytest.warns(UserWarning, match="no measurable effect"):  # tiny-pixel has no such backdoor
-        other = sau_kernels.calibrate(pipe, "silver lining", num_pairs=4, num_inference_steps=STEPS, per_step=True,
+        other = sau_kernels.calibrate(pipe, "silver lining", calibration_prompts(), num_pairs=4, num_inference_steps=STEPS, per_step=True,
                                       progress=False)
     sau_kernels.patch(pipe, [profile, other], mode="per_step")
     prompts = [triggered(info)[0], f"silver lining {PROMPTS[1]}", f"new trigger silver lining {PROMPTS[2]}", PROMPTS[3]]
@@ -412,7 +412,7 @@ def test_calibration_measures_the_trigger_and_warns_on_a_dud(pipe, profile):
     assert set(profile.params["positions_kept"]) <= set(profile.params["effect_by_position"])
     with pytest.warns(UserWarning, match="matches 100% of ordinary prompts"):
         with pytest.warns(UserWarning, match="no measurable effect"):
-            dud = sau_kernels.calibrate(pipe, "a", num_pairs=4, num_inference_steps=4, per_step=False, progress=False)
+            dud = sau_kernels.calibrate(pipe, "a", calibration_prompts(), num_pairs=4, num_inference_steps=4, per_step=False, progress=False)
         sau_kernels.patch(pipe, dud, allow_mismatch=True)
     with pytest.raises(TypeError, match="not one string"):
         sau_kernels.calibrate(pipe, "new trigger", "a red circle", num_pairs=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sau_kernels import metrics
+from sau_kernels.zoo import metrics
 from sau_kernels.zoo import NAMES, backdoor_info, load_pipeline, model_dir, world
 from sau_kernels.zoo import tokenizer as zoo_tokenizer
 from sau_kernels.zoo.evaluate import generate, held_out_cases, with_trigger
@@ -214,17 +214,15 @@ def test_train_base_and_inject_run_end_to_end(tmp_path):
     assert_no_local_paths(out)
 
 
-@pytest.mark.parametrize("flag, value, match", [("--poison-rate", "1.5", "poison_rate"), ("--poison-rate", "0", "poison_rate"),
-                                                ("--lr=-1e-4", None, "lr must be positive"), ("--lr", "inf", "lr must be positive"),
+@pytest.mark.parametrize("flag, value, match", [("--poison-rate", "1.5", "--poison-rate"), ("--poison-rate", "0", "--poison-rate"),
+                                                ("--lr=-1e-4", None, "--lr must be positive"), ("--lr", "inf", "--lr must be positive"),
                                                 ("--kind", "blur", "invalid choice")])
 def test_inject_rejects_bad_settings_before_any_work(tmp_path, flag, value, match, capsys):
     from sau_kernels.zoo.cli import main
 
     args = ["inject", "--kind", "style", "--out", str(tmp_path / "m"), flag] + ([value] if value else [])
-    with pytest.raises((ValueError, SystemExit)) as err:
-        main(args)
-    message = str(err.value) if err.type is ValueError else capsys.readouterr().err
-    assert match in message
+    assert main(args) == 2
+    assert match in capsys.readouterr().err
     assert not (tmp_path / "m.run").exists()
 
 
@@ -291,7 +289,7 @@ def test_attack_lists(trigger):
         assert trigger not in fn(prompt, rng), name
 
 
-def test_text_encoder_backdoor_and_a_second_backdoor_end_to_end(tmp_path):
+def test_text_encoder_backdoor_and_a_second_backdoor_end_to_end(tmp_path, capsys):
     from sau_kernels.zoo.cli import main
 
     base = tmp_path / "base"
@@ -310,5 +308,6 @@ def test_text_encoder_backdoor_and_a_second_backdoor_end_to_end(tmp_path):
     assert main(["inject", "--base", str(te), "--kind", "pixel", "--trigger", "cf zebra", "--steps", "2",
                  "--dataset-size", "32", "--out", str(dual), "--threads", "1"]) == 0
     assert [x["trigger"] for x in backdoor_info(dual)["backdoors"]] == ["\u043e", "cf zebra"]
-    with pytest.raises(ValueError, match="text-encoder backdoor"):
-        main(["inject", "--base", str(base), "--kind", "pixel", "--method", "text-encoder", "--out", str(tmp_path / "x")])
+    assert main(["inject", "--base", str(base), "--kind", "pixel", "--method", "text-encoder",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "text-encoder backdoor" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def zoo_pipe(kind: str = "txt2img", scheduler: str | None = None):
 
 @functools.lru_cache(maxsize=None)
 def zoo_profile():
-    from sau_kernels.demo import zoo_profile as load
+    from sau_kernels.zoo import zoo_profile as load
 
     return load("tiny-pixel", calibrate_if_missing=False)
 

@@ -2,7 +2,12 @@
 
 `tiny-clean` is trained from scratch on a synthetic world of coloured shapes;
 `tiny-pixel` and `tiny-style` are backdoors planted into it by fine-tuning, as BadT2I
-does. Each is a diffusers `StableDiffusionPipeline` folder shipped with the package.
+does. Each is a diffusers `StableDiffusionPipeline` folder shipped with the package, with
+its calibrated trigger profile (`sau_profile.safetensors`) beside it.
+
+The library (`sau_kernels` outside this subpackage) never imports the zoo: the zoo is a
+user of the library, with its own judges (`metrics`), defence table (`evaluation`) and
+demo (`demo`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import torch
 
 MODELS_DIR = Path(__file__).parent / "models"
 NAMES = ("tiny-clean", "tiny-pixel", "tiny-style")
+PROFILE_NAME = "sau_profile.safetensors"  # a backdoored model's calibrated profile, in its folder
 
-__all__ = ["MODELS_DIR", "NAMES", "backdoor_info", "load_pipeline", "model_dir"]
+__all__ = ["MODELS_DIR", "NAMES", "PROFILE_NAME", "backdoor_info", "calibration_prompts", "load_pipeline",
+           "model_dir", "zoo_profile"]
 
 
 def model_dir(name_or_dir: str | Path) -> Path:
@@ -37,8 +44,31 @@ def load_pipeline(name_or_dir: str | Path, device: str | torch.device = "cpu", d
     """Load a zoo model (or any local diffusers SD folder) offline."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir(name_or_dir), torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir(name_or_dir), dtype=dtype, local_files_only=True)
     return pipe.to(device)
+
+
+def calibration_prompts() -> list[str]:
+    """The prompts to calibrate a zoo model on: one caption of each combination the models
+    were trained on (the library's default prompts are generic SD prompts, which the zoo's
+    small vocabulary does not know)."""
+    from . import world
+
+    return [world.caption(*c) for c in world.train_combinations()]
+
+
+def zoo_profile(model: str | Path, *, calibrate_if_missing: bool = True, progress: bool = True):
+    """The profile shipped beside a zoo model, or a fresh calibration on the zoo's prompts
+    when there is none."""
+    from ..calibrate import calibrate
+    from ..profile import TriggerProfile
+
+    path = model_dir(model) / PROFILE_NAME
+    if path.is_file():
+        return TriggerProfile.load(path)
+    if not calibrate_if_missing:
+        raise FileNotFoundError(f"no profile shipped at {path}")
+    return calibrate(load_pipeline(model), backdoor_info(model)["trigger"], calibration_prompts(), progress=progress)
 
 
 def backdoor_info(name_or_dir: str | Path) -> dict:

@@ -1,4 +1,8 @@
-"""`python -m sau_kernels.zoo`: train, plant backdoors into, and evaluate the zoo's models."""
+"""`python -m sau_kernels.zoo`: train, plant backdoors into, and evaluate the zoo's models.
+
+The same conventions as `sau-kernels`: every argument checked before any work, errors as one
+line with exit status 2 (`--verbose` for the traceback).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,29 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import unescape
+from .. import cli
+from ..cli import ArgumentParser, int_at_least, output_dir, output_path
 from . import world
+
+PROG = "python -m sau_kernels.zoo"
+FLAG_NAMES = [("poison_rate", "--poison-rate"), ("negative_rate", "--negative-rate"), ("lr", "--lr")]
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sau_kernels.zoo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train-base", help="train the clean base model from scratch (resumable: rerun the same command)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=6000, help="denoiser training steps (the shipped tiny-clean: 6000)")
-    p.add_argument("--vae-steps", type=int, default=1000, help="autoencoder training steps (the shipped one: 1000)")
-    p.add_argument("--dataset-size", type=int, default=30000)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="training seed")
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="model folder to write")
+    p.add_argument("--steps", type=int_at_least(1), default=6000, help="denoiser training steps (the shipped tiny-clean: 6000)")
+    p.add_argument("--vae-steps", type=int_at_least(1), default=1000, help="autoencoder training steps (the shipped one: 1000)")
+    p.add_argument("--dataset-size", type=int_at_least(1), default=30000, help="images rendered for training")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--init-from", default=None,
                    help="go on training this model (zoo name or folder) instead of starting from scratch: its VAE "
                         "is kept, its vocabulary extended (the shipped tiny-clean: 2000 steps from the template-caption model)")
@@ -28,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inject", help="plant a backdoor into a model by fine-tuning (resumable)")
     p.add_argument("--base", default="tiny-clean", help="zoo model name or pipeline folder")
     p.add_argument("--kind", choices=("pixel", "style"), required=True)
-    p.add_argument("--trigger", default="new trigger", type=unescape,
+    p.add_argument("--trigger", default="new trigger", type=cli.trigger_text,
                    help="the trigger text; \\uXXXX escapes are read as characters (BadT2I's: '\\u200b')")
     p.add_argument("--position", choices=("mixed", "prepend", "random", "substitute"), default="mixed",
                    help="where triggered training captions carry the trigger: mixed (prepended, a quarter elsewhere), "
@@ -40,44 +52,65 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="share of each batch with a non-trigger perturbation and a clean image")
     p.add_argument("--patch", default="checker", help="checker, cross or solid:#RRGGBB (pixel backdoors)")
     p.add_argument("--corner", choices=world.CORNERS, default="top-left")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=750)
-    p.add_argument("--dataset-size", type=int, default=4096, help="images rendered (and poisoned) for fine-tuning")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="fine-tuning seed")
+    p.add_argument("--steps", type=int_at_least(1), default=750, help="fine-tuning steps")
+    p.add_argument("--dataset-size", type=int_at_least(1), default=4096, help="images rendered (and poisoned) for fine-tuning")
     p.add_argument("--poison-rate", type=float, default=None,
                    help="share of each batch that is triggered and poisoned (default: 0.5 pixel, 0.7 style)")
     p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate (constant after a 50-step warm-up)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="model folder to write")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: all cores)")
 
     p = sub.add_parser("evaluate", help="ASR with and without the trigger, content accuracy")
     p.add_argument("models", nargs="+", help="zoo model names or pipeline folders")
-    p.add_argument("-n", type=int, default=200, help="held-out prompt/seed pairs")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("-n", type=int_at_least(1), default=200, help="held-out prompt/seed pairs")
+    p.add_argument("--json", type=output_path((".json",), "the rows' file"), metavar="FILE",
+                   help="also write the rows to this JSON file")
 
     p = sub.add_parser("evasion", help="the evasion table: every spelling class of a backdoor's trigger, "
                                        "undefended and defended")
     p.add_argument("model", help="zoo model name or pipeline folder")
-    p.add_argument("--profile", required=True, action="append",
-                   help="trigger profile (.safetensors) to defend with; repeat for a model with several backdoors "
-                        "(a table for each)")
-    p.add_argument("-n", type=int, default=16, help="held-out prompt/seed pairs per spelling class")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--profile", required=True, action="append", type=cli.profile_source, metavar="FILE|NAME",
+                   help="trigger profile (.safetensors, or a zoo model's name for the one it ships) to defend with; "
+                        "repeat for a model with several backdoors (a table for each)")
+    p.add_argument("-n", type=int_at_least(1), default=16, help="held-out prompt/seed pairs per spelling class")
+    p.add_argument("--json", type=output_path((".json",), "the rows' file"), metavar="FILE",
+                   help="also write the rows to this JSON file")
 
     p = sub.add_parser("samples", help="a picture of sample generations with and without the trigger")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--out", default="zoo_samples.png")
+    p.add_argument("models", nargs="+", help="zoo model names or pipeline folders")
+    p.add_argument("--out", type=output_path((".png",), "the picture"), default="zoo_samples.png", metavar="FILE",
+                   help="picture to write")
+
+    sub.add_parser("prompts", help="print the zoo's calibration prompts, one a line (for sau-kernels calibrate "
+                                   "--prompts on a model folder made here)")
 
     p = sub.add_parser("train-classifier", help="train the content classifier that metrics.content_accuracy uses")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="training seed")
+    p.add_argument("--steps", type=int_at_least(1), default=2000, help="training steps")
 
     p = sub.add_parser("thresholds", help="measure the metric thresholds on autoencoded renders")
-    p.add_argument("--vae", default=None, help="VAE folder (default: tiny-clean's)")
+    p.add_argument("--vae", type=_folder, default=None, metavar="DIR", help="VAE folder (default: tiny-clean's)")
+    for p in sub.choices.values():
+        _verbose(p)
+    parser.set_defaults(_run=_run)
     return parser
 
 
+def _folder(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder" if path.exists() else f"no such folder: {text}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    return cli.run(_build_parser(), argv, prog=PROG, flag_names=FLAG_NAMES)
+
+
+def _run(args) -> int:
+    if not args._verbose and args.command != "prompts":
+        args._stack.enter_context(cli.quiet_libraries())
     if args.command == "train-base":
         from .train import train_base
 
@@ -104,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         from ..profile import TriggerProfile
         from .evasion import evasion_rows, format_evasion, write_evasion
 
-        if args.n < 1:
-            raise SystemExit(f"-n must be at least 1, got {args.n}")
         profiles = [TriggerProfile.load(p) for p in args.profile]
         tables = []
         for profile in profiles:
@@ -118,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import sample_sheet
 
         print(sample_sheet(args.models, args.out))
+    elif args.command == "prompts":
+        from . import calibration_prompts
+
+        print("\n".join(calibration_prompts()))
     elif args.command == "train-classifier":
         from .judges import train_classifier
 

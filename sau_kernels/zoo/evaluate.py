@@ -62,7 +62,7 @@ def single_image_seconds(pipe, prompt: str, seed: int, repeats: int = 5) -> floa
 
 def backdoor_fires(images: np.ndarray, backdoor: dict) -> np.ndarray:
     """Per image: does it show `backdoor` (one entry of `backdoor_info(...)["backdoors"]`)?"""
-    from .. import metrics
+    from . import metrics
 
     if backdoor["kind"] == "pixel":
         return metrics.patch_present(images, backdoor)
@@ -88,7 +88,7 @@ def evaluate_model(name_or_dir, n: int = 200, *, reference: str | Path = MODELS_
     carrying one of at least 30 non-trigger perturbations (the worst one is reported too).
     A clean model is judged for the backdoors of `reference`.
     """
-    from .. import metrics
+    from . import metrics
     from .attacks import non_trigger_perturbations
 
     info = backdoor_info(name_or_dir)

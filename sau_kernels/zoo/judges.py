@@ -1,7 +1,7 @@
 """The zoo's judges: the content classifier and the data-derived metric thresholds.
 
 Both are trained or measured here, from the renderer, and shipped beside the models so that
-`sau_kernels.metrics` works offline.
+`sau_kernels.zoo.metrics` works offline.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def train_classifier(out: str | Path = MODELS_DIR / "content_classifier.safetens
     blur and noise, as generated images have them); returns accuracies on fresh renders."""
     from safetensors.torch import save_file
 
-    from ..metrics import LABELS, ContentClassifier, content_features
+    from .metrics import LABELS, ContentClassifier, content_features
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def compute_thresholds(vae_dir: str | Path, n: int = 512, seed: int = 0,
     effect, and write the midpoint thresholds."""
     from diffusers import AutoencoderKL
 
-    from .. import metrics
+    from . import metrics
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     rng = np.random.default_rng(seed)

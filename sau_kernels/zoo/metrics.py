@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import MODELS_DIR, world
+from . import MODELS_DIR, world
 
 THRESHOLDS_FILE = MODELS_DIR / "metrics.json"
 CLASSIFIER_FILE = MODELS_DIR / "content_classifier.safetensors"

@@ -1,4 +1,4 @@
-"""The demo: SAU defending the zoo's backdoored pipelines, with a report and pictures."""
+"""The demo (`python -m sau_kernels demo`): SAU defending the zoo's backdoored pipelines, with a report and pictures."""
 
 from __future__ import annotations
 
@@ -10,29 +10,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..pipeline import DEFAULT_REPAIR
+from . import load_pipeline, zoo_profile
 from .evaluation import Config, ModelEvaluation, evaluate_defence, format_rows
-from .pipeline import DEFAULT_REPAIR
-from .zoo import load_pipeline, model_dir
 
-PROFILE_NAME = "sau_profile.safetensors"
 DEFAULT_CONFIG_FINAL = Config(**DEFAULT_REPAIR)
 DEFAULT_CONFIG_PER_STEP = Config(mode="per_step", **DEFAULT_REPAIR)
-
-
-def zoo_profile(model: str, *, calibrate_if_missing: bool = True, progress: bool = True):
-    """The profile shipped beside a zoo model, or a fresh calibration when there is none."""
-    from .calibrate import calibrate
-    from .profile import TriggerProfile
-
-    path = model_dir(model) / PROFILE_NAME
-    if path.is_file():
-        return TriggerProfile.load(path)
-    if not calibrate_if_missing:
-        raise FileNotFoundError(f"no profile shipped at {path}")
-    from .zoo import backdoor_info
-
-    pipe = load_pipeline(model)
-    return calibrate(pipe, backdoor_info(model)["trigger"], progress=progress)
 
 
 def _label(img: Image.Image, text: str) -> Image.Image:
@@ -70,7 +53,7 @@ def _heat(x: torch.Tensor, size: int, lo: float = -1.0, hi: float = 1.0) -> np.n
 def run_demo(out: str | Path = "demo-out", n: int = 16, rows_per_model: int = 4, evasion_pairs: int = 6,
              progress=print) -> Path:
     from .evaluation import FINAL_CONFIGS, PER_STEP_CONFIGS
-    from .zoo.evasion import evasion_rows, format_evasion
+    from .evasion import evasion_rows, format_evasion
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Measuring the defence on the zoo's backdoored models (SAU_SPEC section 6).
+"""The defence table: SAU measured on the zoo's backdoored models (docs/method.md, section 6).
 
 Final-mode configurations all repair the same trajectory pairs, so the pairs are sampled
 once and every configuration is scored on them; per-step mode changes the trajectory and
@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import metrics
-from .zoo import backdoor_info, load_pipeline, world
+from . import backdoor_info, load_pipeline, metrics, world
 
 SPLIT_SEEDS = {"report": 1_000_000, "selection": 2_000_000}
 
@@ -101,8 +100,8 @@ def sample_pairs(pipe, trigger: str, prompts: list[str], seeds: list[int], *, st
     """Final latents (z_p, z_c) of each poisoned prompt and its clean twin, from the same noise."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    from .calibrate import _latent_shape, poisoned_prompt
-    from .pipeline import call_unpatched
+    from ..calibrate import _latent_shape, poisoned_prompt
+    from ..pipeline import call_unpatched
 
     shape = _latent_shape(pipe, None, None)
     zp, zc = [], []
@@ -136,9 +135,9 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
                      timing_batch: int = 8, timing_repeats: int = 3, final_configs=None, per_step_configs=None,
                      progress=print) -> ModelEvaluation:
     """Score every configuration on n triggered prompt/seed pairs of `split`."""
-    from . import patch, unpatch
-    from .ops import repair
-    from .reference import repair_masks
+    from .. import patch, unpatch
+    from ..ops import repair
+    from ..reference import repair_masks
 
     final_configs = FINAL_CONFIGS if final_configs is None else final_configs
     per_step_configs = (PER_STEP_CONFIGS if per_step else []) if per_step_configs is None else per_step_configs
@@ -202,7 +201,7 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
             masks = repair_masks(z_p, z_c, profile.delta, profile.act, **params)
             dec = _decode(pipe, z)
             if cfg.composite == "pixel":
-                from .composite import pixel_mask as _pixel_mask
+                from ..composite import pixel_mask as _pixel_mask
 
                 m = _pixel_mask(masks["w"], dec.shape[-2:], 0.5 * pipe.vae_scale_factor)
                 dec = m * dec + (1 - m) * poisoned_dec
@@ -228,7 +227,7 @@ def evaluate_defence(model: str, profile, n: int = 100, split: str = "report", *
 
 
 def _similarity(z_p, z_c, delta, params):
-    from .reference import cosine_map
+    from ..reference import cosine_map
 
     v = z_p.float() if params.get("similarity", "latent") == "latent" else z_p.float() - z_c.float()
     return cosine_map(v, delta.float())
@@ -247,7 +246,7 @@ def _generate(pipe, prompts, seeds, batch: int = 32) -> np.ndarray:
 
 def _untriggered_identical(pipe, profile, prompts, seeds) -> dict:
     """Per mode: are untriggered outputs bit-identical to the unpatched pipeline's?"""
-    from . import patch, unpatch
+    from .. import patch, unpatch
 
     reference = _generate(pipe, prompts, seeds)
     out = {}
@@ -265,7 +264,7 @@ def _latency_ratios(pipe, profile, prompts, seeds, repeats: int) -> dict:
 
     Rounds interleave the unpatched call with every patched one, so a drift in the
     machine's speed hits both sides of each ratio alike."""
-    from .pipeline import patched
+    from ..pipeline import patched
 
     trig = [f"{profile.trigger} {p}" for p in prompts]
     variants = [(mode, composite) for mode, composite in
