@@ -213,7 +213,7 @@ def test_batch_invariant_needs_its_environment(monkeypatch):
 CHILD = textwrap.dedent(r"""
     import json, sys
     import numpy as np, torch
-    from sau_kernels import metrics
+    from sau_kernels.zoo import metrics
     from sau_kernels.serving.numerics import batch_invariant
     from sau_kernels.serving.service import ImageService, decode_png
     from sau_kernels.zoo import backdoor_info, load_pipeline

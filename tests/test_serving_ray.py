@@ -24,7 +24,7 @@ import pytest
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from sau_kernels import metrics  # noqa: E402
+from sau_kernels.zoo import metrics  # noqa: E402
 from sau_kernels.serving import AsyncClient, Client, ServerError  # noqa: E402
 from sau_kernels.zoo import backdoor_info  # noqa: E402
 from sau_kernels.zoo.evaluate import held_out_cases  # noqa: E402
