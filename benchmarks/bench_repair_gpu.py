@@ -1,12 +1,20 @@
 """GPU timings of the repair op with triton.testing.do_bench (CUDA-event timing, L2 flushed).
 
     python3 benchmarks/bench_repair_gpu.py [--quick]
+    python3 benchmarks/bench_repair_gpu.py --dry-run     (CPU: tiny shapes, checks the script itself)
 
-For each shape: eager reference, torch.compile of the reference, triton and cuda (each first
-checked against the eager output), plus two floors measured in the same run: a device-to-
-device copy moving the same bytes as the op (read z_p and z_c, write out) and an empty kernel
-launch. Prints microseconds, effective GB/s and ratios; writes bench_repair_gpu.json to $OUT
-if set, else to benchmarks/results/.
+Three parts, each provider first checked against the eager reference:
+
+1. throughput per shape: eager reference, torch.compile of the reference, triton and cuda
+   (and each with return_coverage=True), against a device-to-device copy moving the same
+   bytes as the op (read z_p and z_c, write out) and an empty kernel launch. The big shapes
+   (256x4x128x128 fp16, 64x4x128x128 fp32) say how close the kernels are to the copy floor.
+2. call overhead at SD size (1x4x64x64 fp16): sau_kernels.repair, torch.ops.sau.repair called
+   directly, and a CUDA graph replaying the out= op, each in units of an empty launch.
+3. CUDA-graph replay of the out= op against a graph replaying the same bytes' copy, per shape.
+
+Prints microseconds, effective GB/s and ratios; writes bench_repair_gpu.json to $OUT if set,
+else to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -14,97 +22,213 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sau_kernels as sk  # noqa: E402
 from sau_kernels import reference  # noqa: E402
 
-SHAPES = [((1, 4, 64, 64), torch.float16), ((8, 4, 64, 64), torch.float16),
-          ((4, 4, 128, 128), torch.float32), ((256, 4, 128, 128), torch.float16)]
+THROUGHPUT = [((1, 4, 64, 64), torch.float16), ((8, 4, 64, 64), torch.float16),
+              ((4, 4, 128, 128), torch.float32), ((64, 4, 128, 128), torch.float32),
+              ((256, 4, 128, 128), torch.float16)]
+OVERHEAD = ((1, 4, 64, 64), torch.float16)
+GRAPHS = [((1, 4, 64, 64), torch.float16), ((64, 4, 128, 128), torch.float32),
+          ((256, 4, 128, 128), torch.float16)]
+DRY = [((2, 4, 16, 16), torch.float32), ((1, 4, 24, 20), torch.float16)]
 
 
-@triton.jit
-def _empty_kernel(x_ptr):
-    pass
-
-
-def _inputs(shape, dtype):
+def _inputs(shape, dtype, device):
     g = torch.Generator().manual_seed(0)
     B, C, H, W = shape
     z_c = torch.randn(B, C, H, W, generator=g)
     z_p = z_c + torch.randn(B, C, H, W, generator=g)
     delta, act = torch.randn(C, H, W, generator=g), torch.rand(H, W, generator=g)
-    return [t.cuda() for t in (z_p.to(dtype), z_c.to(dtype), delta, act)]
+    return [t.to(device) for t in (z_p.to(dtype), z_c.to(dtype), delta, act)]
+
+
+def _moved(args) -> int:
+    """Bytes the op must move at least: read z_p and z_c, write out (delta and act once)."""
+    return 3 * args[0].numel() * args[0].element_size() + (args[2].numel() + args[3].numel()) * 4
+
+
+def _timer(dry: bool, warmup: int, rep: int):
+    if not dry:
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=warmup, rep=rep) * 1e3  # ms -> us
+
+    def cpu_timer(fn):  # the dry run's stand-in: median of a few wall-clock calls
+        fn()
+        samples = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(samples)
+
+    return cpu_timer
+
+
+def _close(got, expected) -> bool:
+    # Loose on purpose (fp16 storage, values of order 1): tests/test_gpu.py is the strict check.
+    return torch.allclose(got.float().cpu(), expected.float().cpu(), atol=2e-2, rtol=1e-2)
+
+
+def _graph(fn, device):
+    """A CUDA graph replaying fn (warmed up off the capture stream), or None on the CPU."""
+    if device != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile")
+    ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes: checks this script only")
     opts = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_repair_gpu: no CUDA device")
+    dry = opts.dry_run
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        print("bench_repair_gpu: no CUDA device (use --dry-run to check the script on the CPU)")
         return 1
     warmup, rep = (5, 20) if opts.quick else (25, 100)  # milliseconds, do_bench's units
+    bench = _timer(dry, warmup, rep)
     # The spec's arithmetic is fp32: keep the eager reference's convolutions out of TF32.
     torch.backends.cudnn.allow_tf32 = False
-    backends = [b for b in ("triton", "cuda") if b in sk.available_backends("cuda")]
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print(f"backends: {backends}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
-    compiled = None if opts.quick else torch.compile(reference.repair, dynamic=False)
+    backends = [b for b in ("cpp", "triton", "cuda") if b in sk.available_backends(device)]
+    if dry:
+        import triton
 
-    scratch = torch.empty(1, device="cuda")
-    empty_us = do_bench(lambda: _empty_kernel[(1,)](scratch), warmup=warmup, rep=rep) * 1e3
+        print(f"DRY RUN on the CPU (timings meaningless): torch {torch.__version__}, triton {triton.__version__}")
+    else:
+        import triton
+
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"backends: {backends}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
+    compiled = None if (opts.quick or dry) else torch.compile(reference.repair, dynamic=False)
+
+    if dry:
+        def empty_launch():
+            pass
+    else:
+        @triton.jit
+        def _empty_kernel(x_ptr):
+            pass
+
+        scratch = torch.empty(1, device=device)
+
+        def empty_launch():
+            _empty_kernel[(1,)](scratch)
+
+    empty_us = bench(empty_launch)
     rows, failures = [], []
-    for shape, dtype in SHAPES:
-        args = _inputs(shape, dtype)
-        moved = 3 * args[0].numel() * args[0].element_size() + (args[2].numel() + args[3].numel()) * 4
-        src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+
+    # 1. throughput
+    for shape, dtype in (DRY if dry else THROUGHPUT):
+        args = _inputs(shape, dtype, device)
+        moved = _moved(args)
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        copy_us = do_bench(lambda: dst.copy_(src), warmup=warmup, rep=rep) * 1e3  # reads + writes `moved`
+        copy_us = bench(lambda: dst.copy_(src))  # reads + writes `moved` bytes in all
         expected = reference.repair(*args)
         fns = {"eager": lambda: reference.repair(*args)}
         if compiled is not None:
             fns["compile"] = lambda: compiled(*args)
         for b in backends:
             fns[b] = lambda b=b: sk.repair(*args, backend=b)
+            fns[f"{b}+cov"] = lambda b=b: sk.repair(*args, backend=b, return_coverage=True)[0]
         timings = {}
         for name, fn in fns.items():
             got = fn()
-            torch.cuda.synchronize()
-            # Loose on purpose (fp16 storage, values of order 1): tests/test_gpu.py is the strict check.
-            if not torch.allclose(got.float(), expected.float(), atol=2e-2, rtol=1e-2):
-                failures.append(f"{name} {shape} {dtype}: max err {(got.float() - expected.float()).abs().max():.3g}")
-            timings[name] = do_bench(fn, warmup=warmup, rep=rep) * 1e3
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if not _close(got, expected):
+                failures.append(f"{name} {shape} {dtype}: max err {(got.float().cpu() - expected.float().cpu()).abs().max():.3g}")
+            timings[name] = bench(fn)
         for name, us in timings.items():
             rows.append({
-                "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "provider": name,
-                "us": us, "gb_per_s": moved / us / 1e3, "vs_eager": timings["eager"] / us,
+                "part": "throughput", "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+                "provider": name, "us": us, "gb_per_s": moved / us / 1e3, "vs_eager": timings["eager"] / us,
                 "vs_compile": timings["compile"] / us if "compile" in timings else None,
                 "x_copy": us / copy_us, "x_empty_launch": us / empty_us,
-                "copy_us": copy_us, "empty_launch_us": empty_us,
+                "copy_us": copy_us, "copy_gb_per_s": moved / copy_us / 1e3, "empty_launch_us": empty_us,
             })
 
+    # 2. call overhead at SD size: wrapper, direct operator, graph replay
+    shape, dtype = DRY[0] if dry else OVERHEAD
+    args = _inputs(shape, dtype, device)
+    out = torch.empty_like(args[0])
+    op_args = (*args, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+    overhead = {}
+    for b in [b for b in backends if b != "cpp" or dry]:
+        sk.repair(*args, backend=b)  # registers b as the operator's implementation
+        overhead[f"{b} sau_kernels.repair"] = bench(lambda: sk.repair(*args, backend=b))
+        overhead[f"{b} torch.ops.sau.repair"] = bench(lambda: torch.ops.sau.repair.default(*op_args))
+        overhead[f"{b} sau_kernels.repair(out=)"] = bench(lambda: sk.repair(*args, backend=b, out=out))
+        g = _graph(lambda: torch.ops.sau.repair_out.default(*op_args, out=out), device)
+        if g is not None:
+            overhead[f"{b} graph replay (out=)"] = bench(g.replay)
+    for name, us in overhead.items():
+        rows.append({"part": "overhead", "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+                     "provider": name, "us": us, "x_empty_launch": us / empty_us, "empty_launch_us": empty_us})
+
+    # 3. CUDA-graph replay of the out= op against a graph of the same bytes' copy
+    for shape, dtype in ([] if dry else GRAPHS):
+        args = _inputs(shape, dtype, device)
+        out = torch.empty_like(args[0])
+        moved = _moved(args)
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        g_copy = _graph(lambda: dst.copy_(src), device)
+        copy_us = bench(g_copy.replay)
+        op_args = (*args, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+        for b in [b for b in backends if b != "cpp"]:
+            sk.repair(*args, backend=b)
+            g = _graph(lambda: torch.ops.sau.repair_out.default(*op_args, out=out), device)
+            out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            if not _close(out, reference.repair(*args)):
+                failures.append(f"graph {b} {shape} {dtype}: replay differs from the reference")
+            us = bench(g.replay)
+            rows.append({"part": "graph", "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+                         "provider": f"{b} graph", "us": us, "gb_per_s": moved / us / 1e3,
+                         "x_copy": us / copy_us, "copy_us": copy_us, "copy_gb_per_s": moved / copy_us / 1e3})
+
     print(f"\nempty kernel launch: {empty_us:.1f} us")
-    print(f"{'shape':<16} {'dtype':<8} {'provider':<8} {'us':>10} {'GB/s':>8} {'vs eager':>9} "
-          f"{'vs compile':>10} {'x copy':>7} {'x launch':>8}")
+    print(f"{'part':<10} {'shape':<16} {'dtype':<8} {'provider':<30} {'us':>10} {'GB/s':>8} {'vs eager':>9} "
+          f"{'x copy':>7} {'x launch':>8}")
     for r in rows:
-        vc = f"{r['vs_compile']:.2f}x" if r["vs_compile"] else "-"
-        print(f"{'x'.join(map(str, r['shape'])):<16} {r['dtype']:<8} {r['provider']:<8} {r['us']:>10.1f} "
-              f"{r['gb_per_s']:>8.1f} {r['vs_eager']:>8.2f}x {vc:>10} {r['x_copy']:>6.2f}x {r['x_empty_launch']:>7.1f}x")
+        gb = f"{r['gb_per_s']:.1f}" if "gb_per_s" in r else "-"
+        ve = f"{r['vs_eager']:.2f}x" if "vs_eager" in r else "-"
+        xc = f"{r['x_copy']:.2f}x" if "x_copy" in r else "-"
+        xl = f"{r['x_empty_launch']:.1f}x" if "x_empty_launch" in r else "-"
+        print(f"{r['part']:<10} {'x'.join(map(str, r['shape'])):<16} {r['dtype']:<8} {r['provider']:<30} "
+              f"{r['us']:>10.1f} {gb:>8} {ve:>9} {xc:>7} {xl:>8}")
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).parent / "results"
+    if dry:
+        out_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "date": time.strftime("%Y-%m-%d %H:%M")}
-    (out_dir / "bench_repair_gpu.json").write_text(
-        json.dumps({"machine": machine, "results": rows, "failures": failures}, indent=1) + "\n")
+    machine = {"gpu": torch.cuda.get_device_name() if not dry else "none (dry run)", "torch": torch.__version__,
+               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    path = out_dir / ("bench_repair_gpu_dry.json" if dry else "bench_repair_gpu.json")
+    path.write_text(json.dumps({"machine": machine, "results": rows, "failures": failures}, indent=1) + "\n")
+    print(f"saved {path}")
     for f in failures:
         print("MISMATCH", f)
     return 1 if failures else 0

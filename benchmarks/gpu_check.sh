@@ -4,18 +4,28 @@
 # It expects torch (CUDA build, e.g. 2.11+cu130), triton, nvcc and python3, and no network.
 # Anything else (diffusers, for the pipeline steps) may be carried as wheels in .whl/,
 # made on a networked machine with `make gpu-wheels`; they are installed into /tmp/site.
-# Steps, each under its own timeout (seconds taken on an H100, 2026-11-28, in brackets):
+# Steps, each under its own timeout (seconds taken on an H100, 2026-11-28, in brackets; those
+# marked * are estimates, not yet run on a GPU):
 #   1. build sau_kernels._C with the CUDA kernel in place, sm_90 [34]
-#   2. tests/test_gpu.py: cuda and compiled triton against the reference, CUDA graph replay [63]
-#   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda, GB/s, copy and launch floors [41]
-#   4. benchmarks/bench_pipeline.py --sd15: SAU's end-to-end cost on an SD 1.5-sized pipeline
+#   2. tests/test_gpu.py: cuda and compiled triton against the reference, with mask coverage,
+#      opcheck, CUDA graph replay, torch.compile [63; ~70*]
+#   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda (+ coverage), GB/s against
+#      a copy of the same bytes at 256x4x128x128 fp16 and 64x4x128x128 fp32; call overhead at
+#      1x4x64x64 fp16 against an empty launch; CUDA-graph replay against a graph of the copy [41; ~70*]
+#   4. ncu (when `ncu` is on the PATH): Nsight Compute's speed-of-light and memory sections for
+#      each repair kernel at the two big shapes, benchmarks/ncu_repair.py [~60*]
+#   5. benchmarks/bench_pipeline.py --sd15: SAU's end-to-end cost on an SD 1.5-sized pipeline
 #      (random weights, 512 px, fp16, SDPA), eager: latency at batch 1 and 4, throughput, shares [~180]
-#   5. bench_pipeline_compile: the same with torch.compile of the UNet, latency at batch 1,
+#   6. bench_pipeline_compile: the same with torch.compile of the UNet, latency at batch 1,
 #      final mode [~190 with a warm Inductor cache; compiles at batch 2 and 4]
-# Steps 1-4 are the default and fit one 10-minute call (worst case 465 s); step 5 does not
-# fit beside them, so it is a second call on the same warm machine (the build is kept):
+# Steps 1-5 are the default (typically ~420 s; worst case, every step at its limit, 565 s: one
+# 10-minute call); step 6 does not fit beside them, so it is a second call on the same warm
+# machine (the build is kept):
 #   GPU_CHECK_STEPS=bench_pipeline_compile bash benchmarks/gpu_check.sh
+# The kernels alone (steps 1-4, worst case 355 s): GPU_CHECK_STEPS="test_gpu bench_gpu ncu".
 # test_cpu (the other repair tests and the CUDA-kernel emulation) is CI's; it runs only when named.
+# GPU_CHECK_DRY_RUN=1 checks this script where there is no GPU: no build, the benchmarks'
+# --dry-run on the CPU, no pipeline steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +40,10 @@ PY="${PYTHON:-python3}"
 status=0
 
 # GPU_CHECK_STEPS picks the steps (the build always runs).
-STEPS="${GPU_CHECK_STEPS:-test_gpu bench_gpu bench_pipeline}"
+STEPS="${GPU_CHECK_STEPS:-test_gpu bench_gpu ncu bench_pipeline}"
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+DRY_FLAG=""
+[ "$DRY" = 1 ] && DRY_FLAG="--dry-run"
 
 step() {  # step NAME SECONDS CMD...: run with a timeout, log to $OUT_DIR/NAME.log, remember failures
   local name=$1 secs=$2
@@ -62,21 +75,29 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PY" - <<'EOF'
-import torch, triton
+import torch
+try:
+    import triton
+except ImportError:
+    class triton: __version__ = "missing"
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
       f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 EOF
 nvcc --version | tail -n 2
 
-export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
-if ! step build 90 "$PY" setup.py build_ext --inplace; then
-  echo "build failed: nothing else to check"
-  exit 1
+if [ "$DRY" = 1 ]; then
+  echo "=== DRY RUN: no build; the benchmarks run on the CPU (Triton interpreted), timings meaningless"
+  export TRITON_INTERPRET=1
+else
+  export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
+  if ! step build 90 "$PY" setup.py build_ext --inplace; then
+    echo "build failed: nothing else to check"
+    exit 1
+  fi
+  # Compiled Triton on the GPU (tests/conftest.py would otherwise turn the interpreter on),
+  # and a missing CUDA kernel is a failure, not a skip.
+  export TRITON_INTERPRET=0 SAU_EXPECT_CUDA_BUILD=1
 fi
-
-# Compiled Triton on the GPU (tests/conftest.py would otherwise turn the interpreter on),
-# and a missing CUDA kernel is a failure, not a skip.
-export TRITON_INTERPRET=0 SAU_EXPECT_CUDA_BUILD=1
 have_pytest=0
 "$PY" -c "import pytest" 2>/dev/null && have_pytest=1
 
@@ -87,7 +108,22 @@ else
   status=1
 fi
 
-step bench_gpu 75 "$PY" benchmarks/bench_repair_gpu.py
+step bench_gpu 100 "$PY" benchmarks/bench_repair_gpu.py $DRY_FLAG
+
+if [ "$DRY" = 1 ]; then
+  step ncu 60 "$PY" benchmarks/ncu_repair.py --dry-run
+elif command -v ncu >/dev/null; then
+  # Speed of light (DRAM throughput against the peak), the memory chart, occupancy and launch
+  # stats of each repair kernel; the report file too, for ncu-ui. Counters may need
+  # permissions a lent machine lacks (ERR_NVGPUCTRPERM): then the log says so and the step fails.
+  export OUT_DIR PY
+  step ncu 75 bash -c 'ncu --profile-from-start off --kernel-name regex:repair --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    -f -o "$OUT_DIR/ncu_repair" "$PY" benchmarks/ncu_repair.py \
+    && ncu --import "$OUT_DIR/ncu_repair.ncu-rep" --page details | tee "$OUT_DIR/ncu_repair.txt"'
+else
+  echo "=== ncu: not on the PATH, skipped"
+fi
 
 if [ "$have_pytest" = 1 ]; then
   # The CPU grid itself is CI's job; here the rest of the repair tests and the CUDA emulation.
@@ -95,7 +131,9 @@ if [ "$have_pytest" = 1 ]; then
     -k "not cpp_matches_reference"
 fi
 
-if "$PY" -c "import diffusers" 2>/dev/null; then
+if [ "$DRY" = 1 ]; then
+  echo "=== pipeline steps: skipped in a dry run"
+elif "$PY" -c "import diffusers" 2>/dev/null; then
   step bench_pipeline 210 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
     --repeats 2 --requests 8 --modes final per_step per_step_eps --out "$OUT_DIR/pipeline-sd15-cuda.json"
   # With torch.compile of the UNet the GPU is busier, so the triggered ratio may grow toward 2x

@@ -35,6 +35,9 @@ struct SauRepairParams {
   // The masks are binary, so the blend has only four (z_p, z_c) weight pairs:
   // y = coef_p[cls] * z_p + coef_c[cls] * z_c with cls = 2 * M1 + M2.
   float coef_p[4], coef_c[4];
+  // Mask coverage, optional: (B, 2) fp32 strides of the coverage output, which
+  // receives per image the mean over H x W of M1 (column 0) and of M2 (column 1).
+  int64_t cov_stride[2];
 };
 
 // Reflect without repeating the edge (index -1 reads 1, index n reads n - 2),
@@ -110,9 +113,16 @@ SAU_HD void sau_init_params(SauRepairParams* p, float tau1, float tau2, float k,
     sau_blend_coeffs(cls >> 1, cls & 1, k, alpha, blend, &p->coef_p[cls], &p->coef_c[cls]);
 }
 
+// Coverage from the mask counts of one image: count / (H * W), divided in fp32
+// as torch's mean of the 0/1 mask is (the counts are exact in fp32 below 2^24).
+SAU_HD float sau_coverage(float count, int64_t H, int64_t W) {
+  return count / (float)(H * W);
+}
+
 // The CUDA launcher (csrc/sau_repair_cuda.cu). Raw pointers, a SauDType code
 // and the stream as void* so that callers need neither CUDA nor torch headers.
-// Returns a cudaError_t as int (0 = success).
+// `coverage` may be null (no coverage asked). Returns a cudaError_t as int
+// (0 = success).
 int sau_repair_cuda_launch(int dtype, const void* zp, const void* zc, const float* delta,
-                           const float* act, void* out, const SauRepairParams& p,
-                           void* stream);
+                           const float* act, void* out, float* coverage,
+                           const SauRepairParams& p, void* stream);

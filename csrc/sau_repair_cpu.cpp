@@ -4,13 +4,18 @@
 // blur halo, compute y (cosine, masks, blend) a row at a time into thread-local
 // buffers, blur each row horizontally, then blur the block vertically and
 // store. Nothing but the output is allocated; the taps are computed once per
-// call (no exp in the blur loops).
+// call (no exp in the blur loops). The mask coverage, when asked, is counted
+// in the same pass over the block's own rows (not its halo).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -44,8 +49,48 @@ bool is_storage_dtype(at::ScalarType t) {
 
 }  // namespace
 
+namespace {
+
+// Whether two tensors' memory may overlap: exact where ATen can tell, otherwise
+// whether their byte ranges intersect (conservative for interleaved views).
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  switch (at::get_overlap_status(a, b)) {
+    case at::MemOverlapStatus::No:
+      return false;
+    case at::MemOverlapStatus::Full:
+    case at::MemOverlapStatus::Partial:
+      return true;
+    default:
+      break;
+  }
+  auto range = [](const at::Tensor& t) {
+    const char* lo = static_cast<const char*>(t.const_data_ptr());
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
+    return std::make_pair(lo, lo + extent * (int64_t)t.element_size());
+  };
+  const auto ra = range(a), rb = range(b);
+  return ra.first < rb.second && rb.first < ra.second;
+}
+
+// A written tensor must not share memory with an input, nor with itself.
+void check_written(const char* name, const at::Tensor& t, const at::Tensor& z_p,
+                   const at::Tensor& z_c, const at::Tensor& delta, const at::Tensor& act) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "sau.repair: ", name,
+                    " has elements that share memory (an expanded view?)");
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"z_p", &z_p}, {"z_c", &z_c}, {"delta", &delta}, {"act", &act}};
+  for (const auto& [input_name, input] : inputs)
+    TORCH_CHECK_VALUE(!may_overlap(t, *input), "sau.repair: ", name,
+                      " must not alias an input, but it shares memory with ", input_name);
+}
+
+}  // namespace
+
 void check_inputs(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-                  const at::Tensor& act, const RepairArgs& args, const at::Tensor& out) {
+                  const at::Tensor& act, const RepairArgs& args, const at::Tensor& out,
+                  const at::Tensor& coverage) {
   TORCH_CHECK_TYPE(is_storage_dtype(z_p.scalar_type()),
                    "sau.repair: z_p must be float16, bfloat16 or float32, got ", z_p.scalar_type());
   TORCH_CHECK_TYPE(z_c.scalar_type() == z_p.scalar_type(), "sau.repair: z_c dtype ",
@@ -62,7 +107,7 @@ void check_inputs(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor
                     z_p.sizes());
   TORCH_CHECK_VALUE(z_c.sizes() == z_p.sizes(), "sau.repair: z_c shape ", z_c.sizes(),
                     " differs from z_p shape ", z_p.sizes());
-  const auto C = z_p.size(1), H = z_p.size(2), W = z_p.size(3);
+  const auto B = z_p.size(0), C = z_p.size(1), H = z_p.size(2), W = z_p.size(3);
   TORCH_CHECK_VALUE(delta.dim() == 3 && delta.size(0) == C && delta.size(1) == H &&
                         delta.size(2) == W,
                     "sau.repair: delta shape ", delta.sizes(), " must be (C, H, W) = (", C, ", ",
@@ -88,11 +133,24 @@ void check_inputs(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor
                      out.scalar_type(), " differs from z_p dtype ", z_p.scalar_type());
     TORCH_CHECK_VALUE(out.device() == z_p.device(), "sau.repair: out device ", out.device(),
                       " differs from z_p device ", z_p.device());
+    check_written("out", out, z_p, z_c, delta, act);
+  }
+  if (coverage.defined()) {
+    TORCH_CHECK_VALUE(coverage.dim() == 2 && coverage.size(0) == B && coverage.size(1) == 2,
+                      "sau.repair: coverage shape ", coverage.sizes(), " must be (B, 2) = (", B,
+                      ", 2)");
+    TORCH_CHECK_TYPE(coverage.scalar_type() == at::kFloat,
+                     "sau.repair: coverage must be float32, got ", coverage.scalar_type());
+    TORCH_CHECK_VALUE(coverage.device() == z_p.device(), "sau.repair: coverage device ",
+                      coverage.device(), " differs from z_p device ", z_p.device());
+    check_written("coverage", coverage, z_p, z_c, delta, act);
+    TORCH_CHECK_VALUE(!(out.defined() && may_overlap(coverage, out)),
+                      "sau.repair: coverage must not alias out");
   }
 }
 
 SauRepairParams make_params(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& out,
-                            const RepairArgs& args) {
+                            const at::Tensor& coverage, const RepairArgs& args) {
   SauRepairParams p{};
   p.B = z_p.size(0);
   p.C = z_p.size(1);
@@ -103,6 +161,7 @@ SauRepairParams make_params(const at::Tensor& z_p, const at::Tensor& z_c, const 
     p.zc_stride[d] = z_c.stride(d);
     p.out_stride[d] = out.stride(d);
   }
+  for (int d = 0; d < 2; ++d) p.cov_stride[d] = coverage.defined() ? coverage.stride(d) : 0;
   sau_init_params(&p, (float)args.tau1, (float)args.tau2, (float)args.k, (float)args.alpha,
                   (float)args.blur_sigma, (int)args.blur_ksize, parse_blend(args.blend),
                   parse_similarity(args.similarity), args.gate.has_value(),
@@ -193,9 +252,11 @@ struct Scratch {
 };
 
 // Horizontally blurred y of image b, row hr, all channels, into hb (C x W).
+// Returns the number of the row's pixels where M1 fires.
 template <typename scalar_t>
-void blended_row_hblur(const scalar_t* zp, const scalar_t* zc, const float* delta, const float* act,
-                       const SauRepairParams& p, int64_t b, int64_t hr, Scratch& s, float* hb) {
+int64_t blended_row_hblur(const scalar_t* zp, const scalar_t* zc, const float* delta,
+                          const float* act, const SauRepairParams& p, int64_t b, int64_t hr,
+                          Scratch& s, float* hb) {
   const int64_t C = p.C, H = p.H, W = p.W;
   const int r = p.radius;
   for (int64_t c = 0; c < C; ++c) {
@@ -231,9 +292,11 @@ void blended_row_hblur(const scalar_t* zp, const scalar_t* zc, const float* delt
   const float c0 = p.coef_c[0], c1 = p.coef_c[1], c2 = p.coef_c[2], c3 = p.coef_c[3];
   const float tau1 = p.tau1, tau2 = p.tau2, gate = p.gate;  // locals: no aliasing with cp/cc
   const int has_gate = p.has_gate;
+  int64_t m1 = 0;
   for (int64_t w = 0; w < W; ++w) {
     const int cls = sau_mask_class(sau_cosine(dot[w], vv[w], dd[w]), a[w], tau1, tau2, has_gate,
                                    gate);
+    m1 += cls >> 1;
     // Selects rather than a table lookup: they vectorise.
     cp[w] = cls == 3 ? p3 : (cls == 2 ? p2 : (cls == 1 ? p1 : p0));
     cc[w] = cls == 3 ? c3 : (cls == 2 ? c2 : (cls == 1 ? c1 : c0));
@@ -257,11 +320,12 @@ void blended_row_hblur(const scalar_t* zp, const scalar_t* zc, const float* delt
       for (int64_t w = 0; w < W; ++w) row[w] += g * ypad[w + t];
     }
   }
+  return m1;
 }
 
 template <typename scalar_t>
 void repair_cpu_kernel(const scalar_t* zp, const scalar_t* zc, const float* delta, const float* act,
-                       scalar_t* out, const SauRepairParams& p) {
+                       scalar_t* out, float* cov, const SauRepairParams& p) {
   const int64_t B = p.B, C = p.C, H = p.H, W = p.W;
   const int r = p.radius;
   // Split images into row blocks only as far as needed to feed every thread:
@@ -274,6 +338,17 @@ void repair_cpu_kernel(const scalar_t* zp, const scalar_t* zc, const float* delt
   // Below ~32k elements a thread team costs more than it saves.
   const int64_t grain = B * C * H * W < 32768 ? ntasks : 1;
 
+  // Coverage: M2 depends on act alone, the same for every image; M1 counts are
+  // added per row block (exact: integers in fp32), then divided once per image.
+  if (cov != nullptr) {
+    int64_t m2 = 0;
+    for (int64_t i = 0; i < H * W; ++i) m2 += act[i] > p.tau2;
+    for (int64_t b = 0; b < B; ++b) {
+      cov[b * p.cov_stride[0]] = 0.0f;
+      cov[b * p.cov_stride[0] + p.cov_stride[1]] = sau_coverage((float)m2, H, W);
+    }
+  }
+
   at::parallel_for(0, ntasks, grain, [&](int64_t begin, int64_t end) {
     thread_local Scratch s;
     s.reserve(C, W, rows + 2 * r, r);
@@ -282,9 +357,14 @@ void repair_cpu_kernel(const scalar_t* zp, const scalar_t* zc, const float* delt
       const int64_t h0 = (task % nblk) * rows;
       const int64_t h1 = std::min(H, h0 + rows);
       // hb holds rows h0 - r .. h1 - 1 + r (reflected), each C x W.
-      for (int64_t j = 0; j < h1 - h0 + 2 * r; ++j)
-        blended_row_hblur(zp, zc, delta, act, p, b, sau_reflect(h0 - r + j, H), s,
-                          s.hb + j * C * W);
+      int64_t m1 = 0;
+      for (int64_t j = 0; j < h1 - h0 + 2 * r; ++j) {
+        const int64_t n = blended_row_hblur(zp, zc, delta, act, p, b, sau_reflect(h0 - r + j, H),
+                                            s, s.hb + j * C * W);
+        if (j >= r && j < r + h1 - h0) m1 += n;  // the block's own rows only
+      }
+      if (cov != nullptr)
+        std::atomic_ref<float>(cov[b * p.cov_stride[0]]).fetch_add((float)m1);
       float* __restrict__ acc = s.acc;
       for (int64_t i = 0; i < h1 - h0; ++i) {
         for (int64_t c = 0; c < C; ++c) {
@@ -302,19 +382,24 @@ void repair_cpu_kernel(const scalar_t* zp, const scalar_t* zc, const float* delt
       }
     }
   });
+  if (cov != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      cov[b * p.cov_stride[0]] = sau_coverage(cov[b * p.cov_stride[0]], H, W);
 }
 
 void run_cpu(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-             const at::Tensor& act, const RepairArgs& args, at::Tensor& out) {
-  if (out.numel() == 0) return;
+             const at::Tensor& act, const RepairArgs& args, at::Tensor& out,
+             const at::Tensor& coverage) {
+  if (z_p.size(0) == 0) return;
   // delta and act are (C,H,W) and (H,W): small, so convert rather than template.
   const at::Tensor d = delta.to(at::kFloat).contiguous();
   const at::Tensor a = act.to(at::kFloat).contiguous();
-  const SauRepairParams p = make_params(z_p, z_c, out, args);
+  const SauRepairParams p = make_params(z_p, z_c, out, coverage, args);
+  float* cov = coverage.defined() ? coverage.mutable_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z_p.scalar_type(), "sau_repair_cpu", [&] {
     repair_cpu_kernel<scalar_t>(z_p.const_data_ptr<scalar_t>(), z_c.const_data_ptr<scalar_t>(),
                                 d.const_data_ptr<float>(), a.const_data_ptr<float>(),
-                                out.mutable_data_ptr<scalar_t>(), p);
+                                out.mutable_data_ptr<scalar_t>(), cov, p);
   });
 }
 
@@ -330,12 +415,14 @@ TORCH_LIBRARY(sau, m) {
       "int blur_ksize=5, str blend=\"convex\", str similarity=\"latent\", "
       "float? gate=None) -> Tensor");
   // Writes into a preallocated `out` (any strides, must not alias the inputs)
-  // and allocates nothing else: the CUDA-graph friendly variant.
+  // and allocates nothing: the CUDA-graph friendly variant. `coverage`, when
+  // given, is a (B, 2) fp32 tensor that receives per image the mean over H x W
+  // of M1 (column 0) and of M2 (column 1), counted in the same pass.
   m.def(
       "repair_out(Tensor z_p, Tensor z_c, Tensor delta, Tensor act, float tau1=0.5, "
       "float tau2=0.3, float k=12.0, float alpha=1.0, float blur_sigma=0.2, "
       "int blur_ksize=5, str blend=\"convex\", str similarity=\"latent\", "
-      "float? gate=None, *, Tensor(a!) out) -> ()");
+      "float? gate=None, *, Tensor(a!) out, Tensor(b!)? coverage=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sau, CPU, m) {

@@ -9,6 +9,10 @@
 //      -> shared; horizontal taps -> shared; vertical taps -> global.
 // Threads of a warp walk consecutive columns, so global loads and stores are
 // coalesced along W (for unit W stride); all offsets are 64-bit.
+// Mask coverage (optional): step 1 also counts M1 and M2 over the block's own
+// tile (not its halo) into shared counters, and one thread per block adds them
+// to the image's (B, 2) row; a zeroing kernel before and a kernel dividing by
+// H * W after complete it, all three on the caller's stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,7 +50,7 @@ __device__ __forceinline__ int64_t window_coord(int64_t i, int64_t n, int r) {
 // Dynamic shared memory: taps and blend weights, then the window of y, the
 // horizontal pass, and the window's mask classes (one byte each).
 constexpr int SMEM_TAPS = 32;   // >= SAU_MAX_KSIZE
-constexpr int SMEM_HEAD = SMEM_TAPS + 8;
+constexpr int SMEM_HEAD = SMEM_TAPS + 8 + 2;  // taps, blend weights, two mask counters
 
 size_t smem_bytes(int r) {
   const size_t win = (size_t)(TILE_H + 2 * r) * (TILE_W + 2 * r);
@@ -63,7 +67,7 @@ template <typename T>
 __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
     sau_repair_kernel(const T* __restrict__ zp, const T* __restrict__ zc,
                       const float* __restrict__ delta, const float* __restrict__ act,
-                      T* __restrict__ out, const SauRepairParams p) {
+                      T* __restrict__ out, float* __restrict__ cov, const SauRepairParams p) {
   extern __shared__ float smem[];
   const int r = p.radius;
   const int K = 2 * r + 1;
@@ -72,6 +76,7 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
   float* taps = smem;                                                   // K
   float* coef_p = smem + SMEM_TAPS;                                     // 4
   float* coef_c = coef_p + 4;                                           // 4
+  int* counts = reinterpret_cast<int*>(coef_c + 4);                     // M1, M2 of the tile
   float* ys = smem + SMEM_HEAD;                                         // WIN_H x WIN_W
   float* hs = ys + WIN_H * WIN_W;                                       // WIN_H x TILE_W
   unsigned char* cls = reinterpret_cast<unsigned char*>(hs + WIN_H * TILE_W);  // WIN_H x WIN_W
@@ -85,6 +90,8 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
     coef_p[tid] = p.coef_p[tid];
     coef_c[tid] = p.coef_c[tid];
   }
+  if (tid < 2) counts[tid] = 0;
+  __syncthreads();
 
   const int64_t H = p.H, W = p.W, C = p.C;
   const int64_t h0 = (int64_t)blockIdx.y * TILE_H;
@@ -97,6 +104,7 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
     T* out_b = out + b * p.out_stride[0];
 
     // 1. Mask class of every window pixel (a warp reads one window row).
+    int m1 = 0, m2 = 0;  // this thread's pixels of the tile itself
     for (int wy = ty; wy < WIN_H; wy += BLOCK_Y) {
       const int64_t gh = window_coord(h0 - r + wy, H, r);
       for (int wx = tx; wx < WIN_W; wx += BLOCK_X) {
@@ -113,11 +121,25 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
           vv += v * v;
           dd += d * d;
         }
-        cls[wy * WIN_W + wx] = (unsigned char)sau_mask_class(
-            sau_cosine(dot, vv, dd), act[pix], p.tau1, p.tau2, p.has_gate, p.gate);
+        const int k = sau_mask_class(sau_cosine(dot, vv, dd), act[pix], p.tau1, p.tau2,
+                                     p.has_gate, p.gate);
+        cls[wy * WIN_W + wx] = (unsigned char)k;
+        const bool own = wy >= r && wy < r + TILE_H && wx >= r && wx < r + TILE_W &&
+                         h0 - r + wy < H && w0 - r + wx < W;
+        m1 += own & (k >> 1);
+        m2 += own & (k & 1);
       }
     }
+    if (cov != nullptr && (m1 | m2)) {
+      atomicAdd(&counts[0], m1);
+      atomicAdd(&counts[1], m2);
+    }
     __syncthreads();
+    if (cov != nullptr && tid == 0) {  // exact: integer counts in fp32
+      atomicAdd(&cov[b * p.cov_stride[0]], (float)counts[0]);
+      atomicAdd(&cov[b * p.cov_stride[0] + p.cov_stride[1]], (float)counts[1]);
+      counts[0] = counts[1] = 0;  // read again only after the syncs below
+    }
 
     // 2. Per channel: blend over the window, horizontal taps, vertical taps.
     for (int64_t c = 0; c < C; ++c) {
@@ -155,7 +177,31 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
       }
       __syncthreads();  // ys and hs are rewritten by the next channel
     }
+    __syncthreads();  // cls and the counters are rewritten by the next image (also when C == 0)
   }
+}
+
+// Coverage before the repair kernel: zero, since that kernel adds to it.
+__global__ void sau_coverage_zero(float* cov, const SauRepairParams p) {
+  for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < p.B;
+       b += (int64_t)gridDim.x * blockDim.x)
+    cov[b * p.cov_stride[0]] = cov[b * p.cov_stride[0] + p.cov_stride[1]] = 0.0f;
+}
+
+// Coverage after it: mask counts -> means over H x W.
+__global__ void sau_coverage_finish(float* cov, const SauRepairParams p) {
+  for (int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; b < p.B;
+       b += (int64_t)gridDim.x * blockDim.x) {
+    float* row = cov + b * p.cov_stride[0];
+    row[0] = sau_coverage(row[0], p.H, p.W);
+    row[p.cov_stride[1]] = sau_coverage(row[p.cov_stride[1]], p.H, p.W);
+  }
+}
+
+constexpr int COVERAGE_THREADS = 128;
+unsigned coverage_blocks(const SauRepairParams& p) {
+  const int64_t n = (p.B + COVERAGE_THREADS - 1) / COVERAGE_THREADS;
+  return (unsigned)(n < 1024 ? (n > 0 ? n : 1) : 1024);
 }
 
 // The CPU emulation test (tests/cuda_emu) compiles the kernel with g++ and
@@ -163,9 +209,11 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
 #ifndef SAU_CUDA_EMULATION
 template <typename T>
 cudaError_t launch(const void* zp, const void* zc, const float* delta, const float* act, void* out,
-                   const SauRepairParams& p, cudaStream_t stream) {
+                   float* cov, const SauRepairParams& p, cudaStream_t stream) {
+  if (cov != nullptr) sau_coverage_zero<<<coverage_blocks(p), COVERAGE_THREADS, 0, stream>>>(cov, p);
   sau_repair_kernel<T><<<grid_for(p), dim3(BLOCK_X, BLOCK_Y), smem_bytes(p.radius), stream>>>(
-      static_cast<const T*>(zp), static_cast<const T*>(zc), delta, act, static_cast<T*>(out), p);
+      static_cast<const T*>(zp), static_cast<const T*>(zc), delta, act, static_cast<T*>(out), cov, p);
+  if (cov != nullptr) sau_coverage_finish<<<coverage_blocks(p), COVERAGE_THREADS, 0, stream>>>(cov, p);
   return cudaGetLastError();
 }
 #endif
@@ -174,18 +222,19 @@ cudaError_t launch(const void* zp, const void* zc, const float* delta, const flo
 
 #ifndef SAU_CUDA_EMULATION
 int sau_repair_cuda_launch(int dtype, const void* zp, const void* zc, const float* delta,
-                           const float* act, void* out, const SauRepairParams& p, void* stream) {
-  if (p.B == 0 || p.C == 0 || p.H == 0 || p.W == 0) return (int)cudaSuccess;
+                           const float* act, void* out, float* coverage,
+                           const SauRepairParams& p, void* stream) {
+  if (p.B == 0 || p.H == 0 || p.W == 0) return (int)cudaSuccess;
   if (p.radius < 0 || 2 * p.radius + 1 > SAU_MAX_KSIZE) return (int)cudaErrorInvalidValue;
   if ((p.H + TILE_H - 1) / TILE_H > 65535) return (int)cudaErrorInvalidConfiguration;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case SAU_FLOAT32:
-      return (int)launch<float>(zp, zc, delta, act, out, p, s);
+      return (int)launch<float>(zp, zc, delta, act, out, coverage, p, s);
     case SAU_FLOAT16:
-      return (int)launch<__half>(zp, zc, delta, act, out, p, s);
+      return (int)launch<__half>(zp, zc, delta, act, out, coverage, p, s);
     case SAU_BFLOAT16:
-      return (int)launch<__nv_bfloat16>(zp, zc, delta, act, out, p, s);
+      return (int)launch<__nv_bfloat16>(zp, zc, delta, act, out, coverage, p, s);
     default:
       return (int)cudaErrorInvalidValue;
   }

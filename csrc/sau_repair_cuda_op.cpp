@@ -30,15 +30,17 @@ int dtype_code(at::ScalarType t) {
 }
 
 void run_cuda(const at::Tensor& z_p, const at::Tensor& z_c, const at::Tensor& delta,
-              const at::Tensor& act, const RepairArgs& args, at::Tensor& out) {
-  if (out.numel() == 0) return;
+              const at::Tensor& act, const RepairArgs& args, at::Tensor& out,
+              const at::Tensor& coverage) {
+  if (z_p.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(z_p.device());
   const at::Tensor d = delta.to(at::kFloat).contiguous();
   const at::Tensor a = act.to(at::kFloat).contiguous();
-  const SauRepairParams p = make_params(z_p, z_c, out, args);
+  const SauRepairParams p = make_params(z_p, z_c, out, coverage, args);
   const int err = sau_repair_cuda_launch(
       dtype_code(z_p.scalar_type()), z_p.const_data_ptr(), z_c.const_data_ptr(),
-      d.const_data_ptr<float>(), a.const_data_ptr<float>(), out.mutable_data_ptr(), p,
+      d.const_data_ptr<float>(), a.const_data_ptr<float>(), out.mutable_data_ptr(),
+      coverage.defined() ? coverage.mutable_data_ptr<float>() : nullptr, p,
       static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }

@@ -91,6 +91,15 @@ def repair_masks(
             "m1": m1, "m2": m2, "w": w}
 
 
+def repair_coverage(z_p: torch.Tensor, z_c: torch.Tensor, delta: torch.Tensor, act: torch.Tensor,
+                    **params) -> torch.Tensor:
+    """Mask coverage, (B, 2) fp32: per image the mean over H x W of M1 (column 0) and of
+    M2 (column 1). `params` are repair's; those the masks do not use are ignored."""
+    keys = ("tau1", "tau2", "k", "alpha", "similarity", "gate")
+    masks = repair_masks(z_p, z_c, delta, act, **{k: v for k, v in params.items() if k in keys})
+    return torch.stack([masks["M1"].mean(dim=(1, 2, 3)), masks["M2"].mean(dim=(1, 2, 3))], dim=1)
+
+
 def repair(
     z_p: torch.Tensor,
     z_c: torch.Tensor,

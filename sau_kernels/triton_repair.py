@@ -1,14 +1,17 @@
-"""The SAU repair as one Triton kernel, exposed as torch.ops.sau.repair_triton(_out).
+"""The SAU repair as one Triton kernel: an implementation of the sau::repair operator.
+
+`sau_kernels.ops` registers `repair` and `repair_out` below as the kernels of
+torch.ops.sau.repair / repair_out for the CUDA dispatch key when the Triton backend is
+chosen (for the CPU key under TRITON_INTERPRET=1), so there is one operator whatever the
+backend. This module imports triton; nothing imports it until that backend is used.
 
 Each program owns one image and a BLOCK_H x BLOCK_W window of y (the blended
 latent) including the blur halo, so it writes an output tile of
 (BLOCK_H - 2r) x (BLOCK_W - 2r). It computes the mask class of every window
 pixel once (a loop over channels), then per channel: y, the horizontal taps,
 the vertical taps. Triton has no shared memory to shift through, so the
-separable passes shift the register tile with tl.gather.
-
-Runs on GPUs and, with TRITON_INTERPRET=1 set before import, on the CPU.
-Arguments are validated by sau_kernels.ops before they get here.
+separable passes shift the register tile with tl.gather. With coverage asked,
+each program also adds the M1 and M2 counts of its own tile to its image's row.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_GRID_Z = 65535
@@ -27,14 +29,15 @@ _MAX_GRID_Z = 65535
 
 @triton.jit
 def _repair_kernel(
-    zp_ptr, zc_ptr, delta_ptr, act_ptr, out_ptr,
+    zp_ptr, zc_ptr, delta_ptr, act_ptr, out_ptr, cov_ptr,
     C, H, W,
     zp_sb, zp_sc, zp_sh, zp_sw,
     zc_sb, zc_sc, zc_sh, zc_sw,
     out_sb, out_sc, out_sh, out_sw,
+    cov_sb, cov_sc,
     tau1, tau2, gate, sigma,
     cp0, cp1, cp2, cp3, cc0, cc1, cc2, cc3,
-    HAS_GATE: tl.constexpr, DIFFERENCE: tl.constexpr, RADIUS: tl.constexpr,
+    HAS_GATE: tl.constexpr, DIFFERENCE: tl.constexpr, RADIUS: tl.constexpr, HAS_COV: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     OUT_H: tl.constexpr = BLOCK_H - 2 * RADIUS
@@ -86,6 +89,11 @@ def _repair_kernel(
     m2 = a > tau2
     cp = tl.where(m1, tl.where(m2, cp3, cp2), tl.where(m2, cp1, cp0))
     cc = tl.where(m1, tl.where(m2, cc3, cc2), tl.where(m2, cc1, cc0))
+    if HAS_COV:  # counts over the program's own tile, not its halo (exact in fp32)
+        own = ((i >= RADIUS) & (i < RADIUS + OUT_H) & (h0 - RADIUS + i < H))[:, None] & \
+              ((j >= RADIUS) & (j < RADIUS + OUT_W) & (w0 - RADIUS + j < W))[None, :]
+        tl.atomic_add(cov_ptr + b * cov_sb, tl.sum(tl.where(own & m1, 1.0, 0.0)))
+        tl.atomic_add(cov_ptr + b * cov_sb + cov_sc, tl.sum(tl.where(own & m2, 1.0, 0.0)))
 
     # Taps' normaliser (the taps themselves are two flops each, recomputed).
     norm = 0.0
@@ -140,10 +148,13 @@ def blend_coeffs(k: float, alpha: float, blend: str) -> tuple[list[float], list[
     return cp, cc
 
 
-def _launch(z_p, z_c, delta, act, out, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend,
+def _launch(z_p, z_c, delta, act, out, coverage, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend,
             similarity, gate, block=None):
+    """out (and coverage, unless None) from checked inputs; delta and act fp32 contiguous."""
     B, C, H, W = z_p.shape
-    if out.numel() == 0:
+    if coverage is not None:
+        coverage.zero_()
+    if B == 0:
         return
     radius = 0 if blur_ksize == 1 or blur_sigma == 0 else blur_ksize // 2
     # The window must outgrow its halo; 32 keeps 28 of 32 columns useful at r = 2.
@@ -152,62 +163,44 @@ def _launch(z_p, z_c, delta, act, out, tau1, tau2, k, alpha, blur_sigma, blur_ks
         block = 32 if radius <= 7 and not _INTERPRET else 64
     out_tile = block - 2 * radius
     cp, cc = blend_coeffs(k, alpha, blend)
+    cov = coverage if coverage is not None else out  # a placeholder pointer when HAS_COV is off
+    cov_strides = coverage.stride() if coverage is not None else (0, 0)
     for b0 in range(0, B, _MAX_GRID_Z):  # the batch is grid axis 2, at most 65535 programs
         zp, zc, o = z_p[b0:b0 + _MAX_GRID_Z], z_c[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
+        cv = cov[b0:b0 + _MAX_GRID_Z] if coverage is not None else cov
         grid = (triton.cdiv(W, out_tile), triton.cdiv(H, out_tile), zp.shape[0])
-        wrap_triton(_repair_kernel)[grid](
-            zp, zc, delta, act, o,
+        _repair_kernel[grid](
+            zp, zc, delta, act, o, cv,
             C, H, W,
-            *zp.stride(), *zc.stride(), *o.stride(),
+            *zp.stride(), *zc.stride(), *o.stride(), *cov_strides,
             tau1, tau2, 0.0 if gate is None else gate, blur_sigma if radius else 1.0,
             *cp, *cc,
             HAS_GATE=gate is not None, DIFFERENCE=similarity == "difference", RADIUS=radius,
+            HAS_COV=coverage is not None,
             BLOCK_H=block, BLOCK_W=block,
             num_warps=4,
         )
+    if coverage is not None:
+        coverage.div_(H * W)  # counts -> means (fp32 division, as torch's mean of the mask)
 
 
-def _fake_repair(z_p, *args):
-    return torch.empty(z_p.shape, dtype=z_p.dtype, device=z_p.device)
+# The kernels of torch.ops.sau.repair / repair_out for the dispatch key ops.py registers them
+# for: the schema's arguments, the same checks as the C++ kernels (sau_kernels.ops), then launch.
+def repair(z_p, z_c, delta, act, tau1=0.5, tau2=0.3, k=12.0, alpha=1.0, blur_sigma=0.2, blur_ksize=5,
+           blend="convex", similarity="latent", gate=None):
+    from .ops import check_inputs
 
-
-def _fake_repair_out(*args):
-    return None
-
-
-def _define_op(name, mutates_args, fake):
-    """triton_op on GPUs, so that torch.compile sees the kernel and Inductor can schedule it
-    (the function doubles as its fake). Under TRITON_INTERPRET=1, wrap_triton returns the bare
-    kernel, which would then run on fake tensors while tracing: there the op is an opaque
-    custom_op with an explicit fake instead."""
-
-    def define(fn):
-        if not _INTERPRET:
-            return triton_op(name, fn, mutates_args=mutates_args)
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        op.register_fake(fake)
-        return op
-
-    return define
-
-
-@_define_op("sau::repair_triton", mutates_args=(), fake=_fake_repair)
-def repair_triton(
-    z_p: torch.Tensor, z_c: torch.Tensor, delta: torch.Tensor, act: torch.Tensor,
-    tau1: float, tau2: float, k: float, alpha: float, blur_sigma: float, blur_ksize: int,
-    blend: str, similarity: str, gate: float | None,
-) -> torch.Tensor:
+    check_inputs(z_p, z_c, delta, act, blur_sigma, blur_ksize, blend, similarity, gate)
     out = torch.empty(z_p.shape, dtype=z_p.dtype, device=z_p.device)
-    _launch(z_p, z_c, delta.to(torch.float32).contiguous(), act.to(torch.float32).contiguous(),
-            out, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate)
+    _launch(z_p, z_c, delta.to(torch.float32).contiguous(), act.to(torch.float32).contiguous(), out, None,
+            tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate)
     return out
 
 
-@_define_op("sau::repair_triton_out", mutates_args=("out",), fake=_fake_repair_out)
-def repair_triton_out(
-    z_p: torch.Tensor, z_c: torch.Tensor, delta: torch.Tensor, act: torch.Tensor,
-    tau1: float, tau2: float, k: float, alpha: float, blur_sigma: float, blur_ksize: int,
-    blend: str, similarity: str, gate: float | None, out: torch.Tensor,
-) -> None:
-    _launch(z_p, z_c, delta.to(torch.float32).contiguous(), act.to(torch.float32).contiguous(),
-            out, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate)
+def repair_out(z_p, z_c, delta, act, tau1=0.5, tau2=0.3, k=12.0, alpha=1.0, blur_sigma=0.2, blur_ksize=5,
+               blend="convex", similarity="latent", gate=None, *, out, coverage=None):
+    from .ops import check_inputs
+
+    check_inputs(z_p, z_c, delta, act, blur_sigma, blur_ksize, blend, similarity, gate, out, coverage)
+    _launch(z_p, z_c, delta.to(torch.float32).contiguous(), act.to(torch.float32).contiguous(), out, coverage,
+            tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, gate)

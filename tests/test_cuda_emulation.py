@@ -45,16 +45,17 @@ def emu(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def run_emulated(lib, z_p, z_c, delta, act, out, *, tau1=0.5, tau2=0.3, k=12.0, alpha=1.0, blur_sigma=0.2,
-                 blur_ksize=5, blend="convex", similarity="latent", gate=None):
+def run_emulated(lib, z_p, z_c, delta, act, out, *, coverage=None, tau1=0.5, tau2=0.3, k=12.0, alpha=1.0,
+                 blur_sigma=0.2, blur_ksize=5, blend="convex", similarity="latent", gate=None):
     delta, act = delta.float().contiguous(), act.float().contiguous()
     sizes = (ctypes.c_int64 * 4)(*z_p.shape)
-    strides = (ctypes.c_int64 * 12)(*z_p.stride(), *z_c.stride(), *out.stride())
+    cov_strides = coverage.stride() if coverage is not None else (0, 0)
+    strides = (ctypes.c_int64 * 14)(*z_p.stride(), *z_c.stride(), *out.stride(), *cov_strides)
     f = ctypes.c_float
     rc = lib.sau_emu_repair(
         DTYPE_CODES[z_p.dtype], ctypes.c_void_p(z_p.data_ptr()), ctypes.c_void_p(z_c.data_ptr()),
         ctypes.c_void_p(delta.data_ptr()), ctypes.c_void_p(act.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-        sizes, strides, f(tau1), f(tau2), f(k), f(alpha), f(blur_sigma), blur_ksize,
+        ctypes.c_void_p(None if coverage is None else coverage.data_ptr()), sizes, strides, f(tau1), f(tau2), f(k), f(alpha), f(blur_sigma), blur_ksize,
         {"convex": 0, "paper": 1}[blend], {"latent": 0, "difference": 1}[similarity],
         int(gate is not None), f(0.0 if gate is None else gate))
     assert rc == 0, f"emulated launch failed ({rc})"
@@ -76,8 +77,17 @@ def test_cuda_kernel_matches_reference(emu, case):
         shape = shape[:2] + (max(shape[2], ksize // 2 + 1), max(shape[3], ksize // 2 + 1))
     z_p, z_c, delta, act = make_inputs(shape, dtype, similarity=similarity, gate=gate, seed=len(SAMPLE))
     params = dict(blend=blend, similarity=similarity, gate=gate, blur_ksize=ksize, blur_sigma=sigma)
-    out = run_emulated(emu, z_p, z_c, delta, act, torch.full_like(z_p, float("nan")), **params)
+    coverage = torch.full((shape[0], 2), float("nan"))
+    out = run_emulated(emu, z_p, z_c, delta, act, torch.full_like(z_p, float("nan")), coverage=coverage, **params)
     assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, **params), dtype, label=str(case))
+    # Counted in the kernel's mask pass (tile pixels only, not the halo): the reference's masks exactly.
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act, **params)), case
+
+
+def test_cuda_kernel_without_coverage(emu):
+    z_p, z_c, delta, act = make_inputs((2, 4, 37, 45), seed=2)
+    out = run_emulated(emu, z_p, z_c, delta, act, torch.full_like(z_p, float("nan")), gate=0.4)
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, gate=0.4), torch.float32)
 
 
 def test_cuda_kernel_strided_inputs_and_out(emu):
@@ -87,5 +97,7 @@ def test_cuda_kernel_strided_inputs_and_out(emu):
     zp_sliced = big[:, :, ::2, 1::2]
     zc_last = z_c.contiguous(memory_format=torch.channels_last)
     out = torch.full_like(z_p, float("nan")).transpose(2, 3).contiguous().transpose(2, 3)
-    run_emulated(emu, zp_sliced, zc_last, delta, act, out, blend="paper", gate=0.3)
+    coverage = torch.full((2, 3), float("nan"))[:, ::2]  # strided coverage too
+    run_emulated(emu, zp_sliced, zc_last, delta, act, out, coverage=coverage, blend="paper", gate=0.3)
     assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, blend="paper", gate=0.3), torch.float16)
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act, gate=0.3))

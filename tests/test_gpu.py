@@ -1,5 +1,7 @@
-"""GPU backends ("cuda", compiled "triton") against the reference, torch.compile on GPU, and a
-CUDA-graph capture + replay of the out= op. Skipped without a CUDA device.
+"""GPU backends ("cuda", compiled "triton") against the reference, their mask coverage,
+torch.compile on GPU, and a CUDA-graph capture + replay of the out= op (with coverage).
+Both backends are implementations of the one operator, torch.ops.sau.repair, for its CUDA
+key; a test naming one registers it. Skipped without a CUDA device.
 
 Run with TRITON_INTERPRET=0 exported (benchmarks/gpu_check.sh does): tests/conftest.py otherwise
 turns the interpreter on. Set SAU_EXPECT_CUDA_BUILD=1 to fail, not skip, when the extension was
@@ -50,9 +52,23 @@ def _check(backend, case, seed=0):
     params = dict(blend=blend, similarity=similarity, gate=gate, blur_ksize=ksize, blur_sigma=sigma)
     # The reference runs on the CPU: on the GPU its fp32 convolutions may use TF32.
     expected = reference.repair(z_p, z_c, delta, act, **params)
-    actual = sk.repair(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda(), backend=backend, **params)
-    assert actual.device.type == "cuda"
+    actual, coverage = sk.repair(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda(), backend=backend,
+                                 return_coverage=True, **params)
+    assert actual.device.type == "cuda" and coverage.device.type == "cuda"
     assert_matches_reference(actual.cpu(), expected, dtype, label=f"{backend} {case}")
+    _check_coverage(coverage, reference.repair_coverage(z_p, z_c, delta, act, **params), f"{backend} {case}")
+
+
+def _check_coverage(coverage, expected, label):
+    # Counted exactly; the division by H * W may be a multiplication by its reciprocal on
+    # the GPU (ATen's scalar division there): one fp32 ulp.
+    assert coverage.dtype == torch.float32 and coverage.shape == expected.shape, label
+    torch.testing.assert_close(coverage.cpu(), expected, atol=0, rtol=2**-23, msg=label)
+
+
+def test_one_operator():
+    # No Triton schema of its own: the CUDA key of sau::repair holds whichever backend ran last.
+    assert not hasattr(torch.ops.sau, "repair_triton")
 
 
 def test_cuda_backend_built():
@@ -97,7 +113,8 @@ def test_cuda_graph_capture_and_replay(backend):
     _need(backend)
     z_p, z_c, delta, act = (t.cuda() for t in make_inputs((2, 4, 64, 64), torch.float16, seed=1))
     out = torch.empty_like(z_p)
-    params = dict(gate=0.4, backend=backend, out=out)
+    params = dict(gate=0.4, backend=backend, out=out, return_coverage=True)
+    coverage = None
 
     side = torch.cuda.Stream()  # warm up (Triton compiles here) off the capture
     side.wait_stream(torch.cuda.current_stream())
@@ -108,7 +125,7 @@ def test_cuda_graph_capture_and_replay(backend):
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sk.repair(z_p, z_c, delta, act, **params)
+        _, coverage = sk.repair(z_p, z_c, delta, act, **params)  # allocated from the graph's pool
 
     # Replay on new data written into the captured tensors.
     for seed in (2, 3):
@@ -120,6 +137,7 @@ def test_cuda_graph_capture_and_replay(backend):
         torch.cuda.synchronize()
         assert_matches_reference(out.cpu(), reference.repair(*new, gate=0.4), torch.float16,
                                  label=f"{backend} graph replay seed {seed}")
+        _check_coverage(coverage, reference.repair_coverage(*new, gate=0.4), f"{backend} graph replay")
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -129,9 +147,24 @@ def test_torch_compile_on_gpu(backend):
     z_p, z_c, delta, act = make_inputs((2, 4, 32, 32), torch.float16, seed=4)
 
     def f(z_p, z_c, delta, act):
-        return sk.repair(z_p * 1, z_c, delta, act, blend="paper", backend=backend) * 2
+        out, coverage = sk.repair(z_p * 1, z_c, delta, act, blend="paper", backend=backend, return_coverage=True)
+        return out * 2, coverage
 
     compiled = torch.compile(f, fullgraph=True)
-    got = compiled(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda())
+    got, coverage = compiled(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda())
     expected = reference.repair(z_p, z_c, delta, act, blend="paper") * 2
     assert_matches_reference(got.cpu(), expected, torch.float16, label=f"compiled {backend}")
+    _check_coverage(coverage, reference.repair_coverage(z_p, z_c, delta, act), f"compiled {backend}")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_opcheck_on_gpu(backend):
+    _need(backend)
+    from sau_kernels.ops import _use
+
+    _use("cuda", backend)
+    z_p, z_c, delta, act = (t.cuda() for t in make_inputs((2, 3, 8, 9), torch.float16, gate=0.4, seed=19))
+    args = (z_p, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.7, 3, "paper", "difference", 0.4)
+    torch.library.opcheck(torch.ops.sau.repair.default, args)
+    torch.library.opcheck(torch.ops.sau.repair_out.default, args,
+                          {"out": torch.empty_like(z_p), "coverage": torch.empty(2, 2, device="cuda")})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sau_kernels as sk
 from sau_kernels import reference
-from sau_kernels.ops import MAX_KSIZE
+from sau_kernels.ops import MAX_KSIZE, _use
 
 from repair_helpers import assert_close_report, assert_matches_reference, make_inputs
 
@@ -190,11 +190,12 @@ def test_triton_small_window_tiles():
     # The GPU's 32-wide windows (the interpreter defaults to 64): several tiles per image.
     from sau_kernels import triton_repair
 
-    z_p, z_c, delta, act = make_inputs((1, 3, 45, 70), seed=5)
-    out = torch.empty_like(z_p)
-    triton_repair._launch(z_p, z_c, delta, act, out, 0.5, 0.3, 12.0, 1.0, 1.0, 5, "convex", "latent", None,
-                          block=32)
+    z_p, z_c, delta, act = make_inputs((2, 3, 45, 70), seed=5)
+    out, coverage = torch.empty_like(z_p), torch.full((2, 2), float("nan"))
+    triton_repair._launch(z_p, z_c, delta, act, out, coverage, 0.5, 0.3, 12.0, 1.0, 1.0, 5, "convex", "latent",
+                          None, block=32)
     assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, blur_sigma=1.0), torch.float32)
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -209,6 +210,110 @@ def test_empty_batch(backend):
     z = torch.empty(0, 4, 8, 8)
     out = sk.repair(z, z, torch.randn(4, 8, 8), torch.rand(8, 8), backend=backend)
     assert out.shape == (0, 4, 8, 8)
+
+
+# ---------------------------------------------------------------------------
+# Mask coverage (return_coverage=True)
+# ---------------------------------------------------------------------------
+
+COVERAGE_CASES = [
+    ((1, 4, 64, 64), torch.float32, "convex", "latent", None, (5, 0.2)),
+    ((3, 4, 37, 53), torch.float16, "paper", "difference", 0.45, (3, 2.0)),
+    ((2, 8, 20, 11), torch.bfloat16, "convex", "difference", None, (7, 2.0)),
+    ((2, 4, 1, 1), torch.float32, "paper", "latent", 0.45, (1, 0.2)),
+    ((2, 4, 4, 4), torch.float16, "convex", "latent", None, (7, 0.2)),  # smallest legal for k=7
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", COVERAGE_CASES, ids=str)
+def test_coverage_matches_reference(backend, case):
+    shape, dtype, blend, similarity, gate, (ksize, sigma) = case
+    z_p, z_c, delta, act = make_inputs(shape, dtype, similarity=similarity, gate=gate, seed=31)
+    params = dict(blend=blend, similarity=similarity, gate=gate, blur_ksize=ksize, blur_sigma=sigma)
+    out, coverage = sk.repair(z_p, z_c, delta, act, backend=backend, return_coverage=True, **params)
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, **params), dtype, label=backend)
+    assert coverage.shape == (shape[0], 2) and coverage.dtype == torch.float32 and coverage.device == z_p.device
+    # Exactly the means the pipeline reads off the reference's masks, image by image.
+    masks = reference.repair_masks(z_p, z_c, delta, act, blend=blend, similarity=similarity, gate=gate)
+    for i in range(shape[0]):
+        assert coverage[i, 0] == masks["M1"][i].mean(), (backend, i, "M1")
+        assert coverage[i, 1] == masks["M2"][i].mean(), (backend, i, "M2")
+    if shape[2] * shape[3] >= 16:
+        assert masks["M1"].sum() > 0 and masks["M2"].sum() > 0  # both columns are exercised
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+def test_coverage_over_row_blocks():
+    # With more threads than images, the C++ kernel splits each image into row blocks, each
+    # counting its own rows: the counts must add up to the image's, not count halos twice.
+    z_p, z_c, delta, act = make_inputs((1, 4, 96, 80), seed=37, gate=0.4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _, coverage = sk.repair(z_p, z_c, delta, act, gate=0.4, blur_ksize=7, blur_sigma=2.0,
+                                backend="cpp", return_coverage=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act, gate=0.4))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_coverage_with_out(backend):
+    z_p, z_c, delta, act = make_inputs((2, 4, 21, 17), torch.float16, seed=41)
+    out = torch.full_like(z_p, float("nan")).transpose(2, 3).contiguous().transpose(2, 3)
+    result, coverage = sk.repair(z_p, z_c, delta, act, backend=backend, out=out, return_coverage=True)
+    assert result is out
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act), torch.float16, label=backend)
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act))
+    empty = torch.empty(0, 4, 8, 8)
+    out, coverage = sk.repair(empty, empty, delta[:, :8, :8], act[:8, :8], backend=backend, return_coverage=True)
+    assert out.shape == (0, 4, 8, 8) and coverage.shape == (0, 2)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+def test_coverage_out_op_allocates_nothing():
+    _use("cpu", "cpp")
+    z_p, z_c, delta, act = make_inputs((2, 4, 32, 32), seed=43)
+    out, coverage = torch.empty_like(z_p), torch.empty(2, 2)
+    args = (z_p, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+    torch.ops.sau.repair_out(*args, out=out, coverage=coverage)  # warm up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.ops.sau.repair_out(*args, out=out, coverage=coverage)
+    events = [e for e in prof.events() if e.name.startswith("sau::repair")]
+    assert events and sum(e.cpu_memory_usage for e in events) == 0
+    assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_coverage(backend):
+    torch._dynamo.reset()
+    z_p, z_c, delta, act = make_inputs((2, 4, 12, 12), seed=47)
+
+    def f(z_p, z_c, delta, act):
+        out, coverage = sk.repair(z_p, z_c, delta, act, gate=0.5, backend=backend, return_coverage=True)
+        return out * 2, coverage[:, 0] + coverage[:, 1]
+
+    out, total = torch.compile(f, fullgraph=True, backend="aot_eager")(z_p, z_c, delta, act)
+    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, gate=0.5) * 2, torch.float32, label=backend)
+    assert torch.equal(total, reference.repair_coverage(z_p, z_c, delta, act, gate=0.5).sum(1))
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+@pytest.mark.parametrize("name,coverage,exc,match", [
+    ("shape", torch.empty(3, 2), ValueError, r"coverage shape"),
+    ("dtype", torch.empty(2, 2, dtype=torch.float64), TypeError, "coverage must be float32"),
+    ("device", torch.empty(2, 2, device="meta"), ValueError, "coverage device"),
+    ("expanded", torch.empty(1, 2).expand(2, 2), ValueError, "share memory"),
+])
+def test_bad_coverage_raises(name, coverage, exc, match):
+    g = _good()
+    args = (g["z_p"], g["z_c"], g["delta"], g["act"], 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+    for impl in CPU_BACKENDS[1:]:  # each implementation of the operator, C++ and Triton
+        _use("cpu", impl)
+        with pytest.raises(exc, match=match):
+            torch.ops.sau.repair_out(*args, out=torch.empty_like(g["z_p"]), coverage=coverage)
+    _use("cpu", "cpp")
 
 
 # ---------------------------------------------------------------------------
@@ -260,6 +365,7 @@ def test_out_variant(backend, out_layout):
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
 def test_out_variant_allocates_nothing():
+    _use("cpu", "cpp")
     z_p, z_c, delta, act = make_inputs((2, 4, 32, 32), seed=17)
     out = torch.empty_like(z_p)
     sk.repair(z_p, z_c, delta, act, out=out)  # warm up
@@ -279,21 +385,30 @@ def _op_args(dtype=torch.float32, shape=(2, 3, 8, 9), gate=0.4):
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_opcheck(dtype):
+    _use("cpu", "cpp")
     args = _op_args(dtype)
     torch.library.opcheck(torch.ops.sau.repair.default, args)
     torch.library.opcheck(torch.ops.sau.repair.default, args[:-1] + (None,))
     torch.library.opcheck(torch.ops.sau.repair_out.default, args, {"out": torch.empty_like(args[0])})
+    torch.library.opcheck(torch.ops.sau.repair_out.default, args,
+                          {"out": torch.empty_like(args[0]), "coverage": torch.empty(2, 2)})
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
 def test_opcheck_triton():
+    # The same operator with Triton registered as its implementation (for the CPU key here,
+    # under the interpreter; for the CUDA key on a GPU).
+    _use("cpu", "triton")
     args = _op_args()
-    torch.library.opcheck(torch.ops.sau.repair_triton.default, args)
-    torch.library.opcheck(torch.ops.sau.repair_triton_out.default, args + (torch.empty_like(args[0]),))
+    torch.library.opcheck(torch.ops.sau.repair.default, args)
+    torch.library.opcheck(torch.ops.sau.repair_out.default, args, {"out": torch.empty_like(args[0])})
+    torch.library.opcheck(torch.ops.sau.repair_out.default, args,
+                          {"out": torch.empty_like(args[0]), "coverage": torch.empty(2, 2)})
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
 def test_torch_compile_fullgraph():
+    _use("cpu", "cpp")
     torch._dynamo.reset()
     z_p, z_c, delta, act = make_inputs((2, 4, 16, 16), seed=23)
 
@@ -319,6 +434,92 @@ def test_torch_compile_wrapper(backend):
     assert_matches_reference(compiled(z_p, z_c, delta, act),
                              reference.repair(z_p, z_c, delta, act, blend="paper", gate=0.5),
                              torch.float32, label=f"compiled wrapper {backend}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("alias", ["z_p", "z_c", "delta_view", "overlapping", "expanded"])
+def test_out_aliasing_an_input_raises(backend, alias):
+    z_p, z_c, delta, act = make_inputs((2, 4, 10, 12), seed=53)
+    buf = torch.randn(3, 4, 10, 12)
+    if alias == "z_p":
+        out = z_p
+    elif alias == "z_c":
+        out = z_c
+    elif alias == "delta_view":
+        out = delta.expand(2, 4, 10, 12).clone()
+        delta = out[0]
+    elif alias == "overlapping":  # z_c and out are shifted windows of one buffer
+        z_c, out = buf[:2], buf[1:]
+    else:
+        out = torch.empty(1, 4, 10, 12).expand(2, 4, 10, 12)
+    match = "share memory" if alias == "expanded" else "out must not alias an input"
+    before = {name: t.clone() for name, t in (("z_p", z_p), ("z_c", z_c), ("delta", delta))}
+    with pytest.raises(ValueError, match=match):
+        sk.repair(z_p, z_c, delta, act, backend=backend, out=out)
+    for name, t in (("z_p", z_p), ("z_c", z_c), ("delta", delta)):
+        assert torch.equal(t, before[name]), f"{name} was written"
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="sau_kernels._C not built")
+def test_out_aliasing_raises_from_the_op():
+    _use("cpu", "cpp")
+    z_p, z_c, delta, act = make_inputs((1, 4, 8, 8), seed=59)
+    args = (z_p, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+    with pytest.raises(ValueError, match="shares memory with z_p"):
+        torch.ops.sau.repair_out(*args, out=z_p)
+    with pytest.raises(ValueError, match="coverage must not alias an input"):
+        torch.ops.sau.repair_out(*args, out=torch.empty_like(z_p), coverage=act[:1, :2])
+    out = torch.empty(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="coverage must not alias out"):
+        torch.ops.sau.repair_out(*args, out=out, coverage=out[0, 0, :1, :2])
+
+
+# ---------------------------------------------------------------------------
+# One operator: the backends are its implementations
+# ---------------------------------------------------------------------------
+
+
+def _cpu_kernel_source():
+    table = torch._C._dispatch_dump_table("sau::repair")
+    line = next(ln for ln in table.splitlines() if ln.startswith("CPU:"))
+    return "triton" if "ops.py" in line else "cpp" if "sau_repair_cpu.cpp" in line else line
+
+
+def test_one_operator():
+    assert not hasattr(torch.ops.sau, "repair_triton")
+    assert not hasattr(torch.ops.sau, "repair_triton_out")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_backend_selects_the_registered_implementation():
+    z_p, z_c, delta, act = make_inputs((1, 4, 16, 16), seed=61)
+    expected = reference.repair(z_p, z_c, delta, act)
+    args = (z_p, z_c, delta, act, 0.5, 0.3, 12.0, 1.0, 0.2, 5, "convex", "latent", None)
+    for backend in ("triton", "cpp", "triton", "auto"):
+        assert_matches_reference(sk.repair(z_p, z_c, delta, act, backend=backend), expected, torch.float32)
+        impl = "cpp" if backend == "auto" else backend
+        assert sk.ops._ACTIVE["cpu"] == impl and _cpu_kernel_source() == impl
+        # A direct call of the operator runs the implementation the last call selected.
+        assert_matches_reference(torch.ops.sau.repair(*args), expected, torch.float32)
+
+
+def test_import_is_lazy():
+    # A fresh process: importing the package (and a CPU repair) imports no triton, no
+    # torch._dynamo, no diffusers, initialises no CUDA; the Triton backend imports triton when first used.
+    code = (
+        "import sys, torch\n"
+        "import sau_kernels as sk\n"
+        "z = torch.randn(1, 4, 8, 8)\n"
+        "sk.repair(z, z, torch.randn(4, 8, 8), torch.rand(8, 8))\n"
+        "print('triton' in sys.modules, 'torch._dynamo' in sys.modules, torch.cuda.is_initialized(),\n"
+        "      'diffusers' in sys.modules)\n"
+        "sk.repair(z, z, torch.randn(4, 8, 8), torch.rand(8, 8), backend='triton')\n"
+        "print('triton' in sys.modules)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "False", "False", "False", "True"], res.stdout
 
 
 # ---------------------------------------------------------------------------
@@ -425,6 +626,7 @@ def test_bad_backend_raises(backend, match):
                                   "out dtype"])
 def test_bad_input_raises_from_the_op(name):
     # Direct torch.ops calls skip the Python checks; the C++ ones raise the same types.
+    _use("cpu", "cpp")
     change, exc, _ = BAD_INPUTS[name]
     a = {**_good(), "blur_sigma": 0.2, "blur_ksize": 5, "blend": "convex", "similarity": "latent", **change}
     args = (a["z_p"], a["z_c"], a["delta"], a["act"], 0.5, 0.3, 12.0, 1.0, a["blur_sigma"], a["blur_ksize"],

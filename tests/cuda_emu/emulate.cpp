@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <stdexcept>
 #include <cstdint>
@@ -16,18 +17,25 @@
 
 namespace emu {
 thread_local uint3 thread_idx, block_idx;
-dim3 grid_dim;
+dim3 grid_dim, block_dim;
 std::barrier<>* block_barrier = nullptr;
 }  // namespace emu
 
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define gridDim emu::grid_dim
+#define blockDim emu::block_dim
 #define __syncthreads() emu::block_barrier->arrive_and_wait()
 #undef __shared__
 #define __shared__
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+
+// CUDA's atomicAdd (shared and global memory alike), for the threads above.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
 
 namespace {
 // The kernel's `extern __shared__ float smem[]` binds to this (same unnamed namespace).
@@ -39,11 +47,27 @@ alignas(16) float smem[48 * 1024 / sizeof(float)];
 
 namespace {
 
+// A kernel without __syncthreads, one emulated thread at a time.
+template <typename F>
+void run_serial(unsigned blocks, unsigned threads, F kernel) {
+  emu::grid_dim = dim3(blocks);
+  emu::block_dim = dim3(threads);
+  for (unsigned x = 0; x < blocks; ++x)
+    for (unsigned t = 0; t < threads; ++t) {
+      emu::block_idx = make_uint3(x, 0, 0);
+      emu::thread_idx = make_uint3(t, 0, 0);
+      kernel();
+    }
+}
+
 template <typename T>
 void run(const void* zp, const void* zc, const float* delta, const float* act, void* out,
-         const SauRepairParams& p) {
+         float* cov, const SauRepairParams& p) {
+  if (cov != nullptr)
+    run_serial(coverage_blocks(p), COVERAGE_THREADS, [&] { sau_coverage_zero(cov, p); });
   const dim3 grid = grid_for(p);
   emu::grid_dim = grid;
+  emu::block_dim = dim3(BLOCK_X, BLOCK_Y);
   const int nthreads = BLOCK_X * BLOCK_Y;
   if (smem_bytes(p.radius) > sizeof(smem)) throw std::runtime_error("shared memory over 48 KiB");
   for (unsigned z = 0; z < grid.z; ++z)
@@ -58,17 +82,20 @@ void run(const void* zp, const void* zc, const float* delta, const float* act, v
             emu::block_idx = make_uint3(x, y, z);
             emu::thread_idx = make_uint3(t % BLOCK_X, t / BLOCK_X, 0);
             sau_repair_kernel<T>(static_cast<const T*>(zp), static_cast<const T*>(zc), delta, act,
-                                 static_cast<T*>(out), p);
+                                 static_cast<T*>(out), cov, p);
           });
         for (auto& th : threads) th.join();
       }
+  if (cov != nullptr)
+    run_serial(coverage_blocks(p), COVERAGE_THREADS, [&] { sau_coverage_finish(cov, p); });
 }
 
 }  // namespace
 
-// ctypes entry point: sizes, element strides (z_p, z_c, out: 4 each), parameters.
+// ctypes entry point: sizes, element strides (z_p, z_c, out: 4 each; then the
+// coverage's 2), parameters. `cov` may be null.
 extern "C" int sau_emu_repair(int dtype, const void* zp, const void* zc, const float* delta,
-                              const float* act, void* out, const int64_t* sizes,
+                              const float* act, void* out, float* cov, const int64_t* sizes,
                               const int64_t* strides, float tau1, float tau2, float k, float alpha,
                               float blur_sigma, int blur_ksize, int blend, int similarity,
                               int has_gate, float gate) {
@@ -79,13 +106,15 @@ extern "C" int sau_emu_repair(int dtype, const void* zp, const void* zc, const f
     p.zc_stride[d] = strides[4 + d];
     p.out_stride[d] = strides[8 + d];
   }
+  p.cov_stride[0] = strides[12];
+  p.cov_stride[1] = strides[13];
   sau_init_params(&p, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, has_gate,
                   gate);
   try {
     switch (dtype) {
-      case SAU_FLOAT32: run<float>(zp, zc, delta, act, out, p); break;
-      case SAU_FLOAT16: run<__half>(zp, zc, delta, act, out, p); break;
-      case SAU_BFLOAT16: run<__nv_bfloat16>(zp, zc, delta, act, out, p); break;
+      case SAU_FLOAT32: run<float>(zp, zc, delta, act, out, cov, p); break;
+      case SAU_FLOAT16: run<__half>(zp, zc, delta, act, out, cov, p); break;
+      case SAU_BFLOAT16: run<__nv_bfloat16>(zp, zc, delta, act, out, cov, p); break;
       default: return 1;
     }
   } catch (...) {
