@@ -196,7 +196,9 @@ def test_generate_compare_writes_the_undefended_image_beside(tmp_path, capsys):
     load = lambda name: np.asarray(Image.open(out.parent / name))[None]  # noqa: E731
     assert metrics.patch_present(load("cat-0.undefended.png"), info).all()
     assert not metrics.patch_present(load("cat-0.png"), info).any()
-    assert np.array_equal(load("cat-1.png"), load("cat-1.undefended.png"))  # untriggered: untouched
+    # The untriggered prompt keeps its draws, but it ran in a batch with a twin: CPU kernels may
+    # change the last bits with the batch size (with more than one thread), so not bit for bit.
+    assert metrics.psnr(load("cat-1.png"), load("cat-1.undefended.png")).min() > 40
 
 
 def test_profile_of_another_model_names_the_flag(tmp_path, capsys):
