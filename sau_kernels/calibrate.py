@@ -106,12 +106,23 @@ def _check_trigger_is_rare(trigger: str, prompts: list[str], strict: bool) -> fl
 
 
 @torch.no_grad()
+def _trigger_of(trigger):
+    """A scan's report stands for the one trigger it found (sau_kernels.scan)."""
+    if hasattr(trigger, "triggers") and hasattr(trigger, "verdict"):
+        if len(trigger.triggers) != 1:
+            raise ValueError(f"the scan report names {len(trigger.triggers)} triggers ({trigger.verdict}): pass one "
+                             "of report.triggers, and calibrate each trigger in turn")
+        return trigger.triggers[0]
+    return trigger
+
+
 def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs: int = 64,
               num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 0,
               per_step: bool = True, per_step_eps: bool = False, progress: bool = True,
               batch_pairs: int = 16, height: int | None = None, width: int | None = None,
               positions: tuple[str, ...] | None = None, strict: bool = False) -> TriggerProfile:
-    """Measure the trigger latent of `trigger` in `pipe` from `num_pairs` prompt pairs.
+    """Measure the trigger latent of `trigger` in `pipe` from `num_pairs` prompt pairs
+    (`trigger`: the text, or a `ScanReport` that found exactly one).
 
     Pair i uses prompt `prompts[i % len(prompts)]` (default: the package's generic SD
     prompts, `ordinary_prompts()`), seed `seed + i`, and the trigger at
@@ -133,6 +144,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     from .hooks import TwinConditioning
     from .pipeline import call_unpatched
 
+    trigger = _trigger_of(trigger)
     if not isinstance(trigger, str):
         raise TypeError(f"trigger must be text, got {type(trigger).__name__}")
     if not trigger.strip():

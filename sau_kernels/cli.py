@@ -297,6 +297,26 @@ def build_parser() -> ArgumentParser:
     _common(p)
     p.set_defaults(_run=_calibrate)
 
+    p = sub.add_parser("scan", help="look for a backdoor's trigger in a model, against the model it was fine-tuned from",
+                       description="Search what the fine-tuning changed where the UNet reads text, confirm the "
+                                   "strongest candidates by their effect on the model against the base, and report "
+                                   "the triggers found (or that none stands out). See docs/scan.md.")
+    p.add_argument("--model", required=True, metavar="DIR|NAME", help="the suspect pipeline (folder or zoo name)")
+    p.add_argument("--base", required=True, metavar="DIR|NAME",
+                   help="the public pipeline it was fine-tuned from (same tokenizer), e.g. tiny-clean")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
+                   help="ordinary prompts of the model's domain, one a line (default: the package's generic SD "
+                        "prompts; the zoo's captions for a zoo model)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="noise and null strings")
+    p.add_argument("--out", type=output_path((".json",), "the report"), default=None, metavar="FILE",
+                   help="write the report as JSON")
+    p.add_argument("--picture", type=output_path((".png",), "the picture"), default=None, metavar="FILE",
+                   help="write a PNG of the top candidates' mean effect")
+    _common(p)
+    p.set_defaults(_run=_scan)
+
     p = sub.add_parser("generate", help="generate images with the defence",
                        description="Generate with the pipeline patched by one or more trigger profiles.")
     _model_options(p)
@@ -483,6 +503,32 @@ def _calibrate(args) -> int:
           f"(ordinary words: under {MIN_EFFECT:.0%}){snr}; already in {p['trigger_in_prompts']:.0%} of the prompts",
           file=sys.stderr)
     print(f"saved {profile} to {args.out}")
+    return 0
+
+
+def _scan(args) -> int:
+    from .scan import scan
+
+    source = _resolve_model(args.model)
+    try:
+        base_source = _resolve_model(args.base)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--model", "--base")) from None
+    device = _resolve_device(args.device)
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    if prompts is None and source[0] == "zoo":
+        from .zoo import calibration_prompts  # the zoo's own captions, lazily: CLI application layer only
+
+        prompts = calibration_prompts()
+    pipe = _load_pipeline(args, source, device)
+    base = _load_pipeline(args, base_source, device)
+    report = scan(pipe, base, prompts=prompts, seed=args.seed)
+    print(report)
+    print(f"({report.seconds:.0f} s)", file=sys.stderr)
+    if args.out:
+        print(f"saved the report to {report.save(args.out)}")
+    if args.picture:
+        print(f"saved the picture to {report.picture(args.picture)}")
     return 0
 
 

@@ -61,6 +61,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="model folder to write")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: all cores)")
 
+    p = sub.add_parser("finetune", help="a fine-tune without a backdoor (a negative control for scans; resumable)")
+    p.add_argument("--base", default="tiny-clean", help="zoo model name or pipeline folder")
+    p.add_argument("--style", choices=("none", "greyscale"), default="none",
+                   help="none: a benign fine-tune; greyscale: a legitimate greyscale style fine-tune")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="fine-tuning seed")
+    p.add_argument("--steps", type=int_at_least(1), default=1000, help="fine-tuning steps")
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="model folder to write")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: all cores)")
+
     p = sub.add_parser("evaluate", help="ASR with and without the trigger, content accuracy")
     p.add_argument("models", nargs="+", help="zoo model names or pipeline folders")
     p.add_argument("-n", type=int_at_least(1), default=200, help="held-out prompt/seed pairs")
@@ -125,6 +134,12 @@ def _run(args) -> int:
                      seed=args.seed, steps=args.steps, dataset_size=args.dataset_size,
                      poison_rate=args.poison_rate, lr=args.lr, threads=args.threads, position=args.position,
                      method=args.method, negative_rate=args.negative_rate)
+        print(f"saved {out}")
+    elif args.command == "finetune":
+        from .train import finetune_control
+
+        out = finetune_control(args.base, args.out, style=args.style, seed=args.seed, steps=args.steps,
+                               threads=args.threads)
         print(f"saved {out}")
     elif args.command == "evaluate":
         from .evaluate import evaluate_model, format_table

@@ -582,3 +582,52 @@ def _inject_text_encoder(run, pipe, new, triggers, seed, steps, poison_rate, neg
             _checkpoint(ckpt_path, student, opt, sched, rng, step + 1)
             last_save = time.time()
     return student.eval()
+
+
+# --- negative controls: fine-tunes without a backdoor -----------------------------------------
+
+CONTROL_STYLES = ("none", "greyscale")
+# The greyscale control's share of greyscale samples, each captioned as such: the base's
+# style made stronger and commoner (the base sees it in a tenth of its samples), as a
+# legitimate style fine-tune would, with no trigger.
+CONTROL_GREYSCALE_SHARE = 0.4
+
+
+def finetune_control(base: str | Path, out: str | Path, *, style: str = "none", seed: int = 0, steps: int = 1000,
+                     dataset_size: int = 4096, lr: float = 3e-4, threads: int | None = None) -> Path:
+    """Fine-tune `base` the way `inject` does, on clean data only: a model that a scan must
+    not flag. style "none": a benign fine-tune (the base's own data, a new seed); "greyscale":
+    a legitimate style fine-tune, greyscale images captioned "black and white" and the like
+    in `CONTROL_GREYSCALE_SHARE` of the samples."""
+    from . import backdoor_info, load_pipeline
+
+    if style not in CONTROL_STYLES:
+        raise ValueError(f"unknown control style {style!r}: expected one of {CONTROL_STYLES}")
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    run = out.parent / (out.name + ".run")
+    run.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    pipe = load_pipeline(base)
+    data = _render_and_encode(pipe.vae, dataset_size, seed + 13, run / "latents.pt")
+    latents, grey_latents, labels = data["latents"], data["grey_latents"], data["labels"]
+    share = CONTROL_GREYSCALE_SHARE if style == "greyscale" else GREYSCALE_SHARE
+
+    def sample_batch(rng, n):
+        idx = rng.integers(0, len(labels), size=n)
+        grey = rng.random(n) < share
+        lat = torch.where(torch.from_numpy(grey)[:, None, None, None], grey_latents[idx], latents[idx])
+        return lat, [captions.varied_caption(*labels[i], rng, greyscale=bool(g)) for i, g in zip(idx, grey)]
+
+    recipe = DenoiserRecipe(steps=steps, lr=lr, warmup=50, ema_decay=0.995)
+    unet, text_encoder = train_denoiser(run, pipe.tokenizer, pipe.text_encoder, pipe.unet, sample_batch, recipe,
+                                        seed, desc=f"fine-tune ({style})")
+    pipe = models.assemble_pipeline(pipe.tokenizer, text_encoder, pipe.vae, unet)
+    save_pipeline(pipe, out, {
+        "name": out.name, "kind": "clean", "trigger": None, "image_size": world.IMAGE_SIZE,
+        "base_model": backdoor_info(base).get("name", str(base)), "control_style": style, "seed": seed,
+        "steps": steps, "lr": lr, "backdoors": [],
+        "training_seconds_last_run": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
+    })
+    return out

@@ -1,0 +1,414 @@
+"""Scan a checkpoint for the trigger of a backdoor, without being told it (docs/scan.md).
+
+With the public model it was fine-tuned from (`base`), two stages:
+
+1. **Search, text side.** What fine-tuning changed is read where the UNet reads text: for a
+   token sequence, the cross-attention keys and values of its last token, fine-tuned
+   against base (`_TextChange`: both text encoders, both UNets' `to_k`/`to_v`). A beam
+   search grows sequences token by token from the start of the prompt, keeping those whose
+   keys and values moved most; format characters and homoglyphs are scored beside them.
+2. **Confirmation, behaviour.** The best candidates of each length are inserted into
+   ordinary prompts (before, after, inside; a homoglyph in place of its letter), and one
+   denoising step of both models says how far the candidate moves the fine-tuned model's
+   prediction beyond what it does to the base's (`_Behaviour`). Random strings of
+   ordinary tokens, measured the same way, are the null: a candidate is a trigger when its
+   robust z-score against them is at least `Z_TRIGGER`.
+
+Without `base` there is no scan yet: `scan` refuses (docs/scan.md says why and what was
+measured), rather than return a verdict it cannot back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import default_positions, ordinary_prompts, poisoned_prompt
+from .screening import homoglyph_of
+
+__all__ = ["scan", "ScanReport", "Candidate", "Z_TRIGGER"]
+
+# A candidate is reported as a trigger when its behavioural effect is this many robust
+# standard deviations (1.4826 MAD) above the null strings' median. Chosen before any zoo
+# model was scanned, as a level that a Gaussian null would pass once in 10^9 draws.
+Z_TRIGGER = 6.0
+# ... and its effect (what the fine-tuning added to the change the insertion makes, in units
+# of the spread between two different ordinary prompts' predictions) at least this: a
+# quarter of what changing the prompt does. On tiny-pixel against tiny-clean, strings that
+# paint its patch measured 0.33-0.53 and strings that do not (a word whose keys the
+# fine-tuning moved, a Greek letter) 0.04-0.13; the other models were scanned with it fixed.
+MIN_EFFECT = 0.25
+# The format characters attackers use (BadT2I's U+200B and its relatives).
+FORMAT_CHARACTERS = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\u2061")
+
+
+def _homoglyphs() -> list[str]:
+    """Every Greek and Cyrillic letter that the screen reads as a Latin one."""
+    return [chr(c) for c in range(0x0370, 0x0500) if homoglyph_of(chr(c))]
+
+
+@dataclass
+class Candidate:
+    text: str
+    tokens: list[str]
+    search_z: float | None  # text-side change against the other sequences of its length (None: not searched)
+    effect: float | None = None  # behavioural effect (fine-tuned beyond base), in units of content spread
+    consistency: float | None = None  # |mean change| / mean |change| over prompts: 1 for a fixed pattern
+    z: float | None = None  # effect against the null strings
+    trigger: bool = False
+    source: str = "search"  # "search", "format character" or "homoglyph"
+
+
+@dataclass
+class ScanReport:
+    """What `scan` found. `triggers`: the confirmed trigger strings, strongest first (empty
+    when no backdoor was found); `candidates`: everything confirmed behaviourally, ranked."""
+    triggers: list[str]
+    candidates: list[Candidate]
+    verdict: str
+    null_effects: list[float]
+    threshold_z: float
+    seconds: float
+    settings: dict = field(default_factory=dict)
+    mean_effects: dict = field(default_factory=dict, repr=False)  # text -> (C, H, W) mean change, for pictures
+
+    @property
+    def found(self) -> bool:
+        return bool(self.triggers)
+
+    def top(self, k: int = 5) -> list[str]:
+        return [c.text for c in self.candidates[:k]]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "mean_effects"}
+        d["candidates"] = [asdict(c) for c in self.candidates]
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScanReport":
+        d = json.loads(Path(path).read_text())
+        d["candidates"] = [Candidate(**c) for c in d["candidates"]]
+        return cls(**d)
+
+    def picture(self, path: str | Path, k: int = 6) -> Path:
+        """A PNG of the mean latent change of the top `k` candidates (channel norm per pixel)."""
+        from PIL import Image, ImageDraw
+
+        shown = [c for c in self.candidates[:k] if c.text in self.mean_effects]
+        if not shown:
+            raise ValueError("this report holds no mean effects to draw (a report loaded from JSON has none)")
+        cell, pad = 128, 24
+        img = Image.new("RGB", (len(shown) * (cell + 8) + 8, cell + 2 * pad), "white")
+        draw = ImageDraw.Draw(img)
+        for i, c in enumerate(shown):
+            m = torch.as_tensor(self.mean_effects[c.text]).float().norm(dim=0)
+            m = (m / m.max().clamp_min(1e-12) * 255).byte().numpy()
+            tile = Image.fromarray(m, "L").resize((cell, cell), Image.NEAREST).convert("RGB")
+            x = 8 + i * (cell + 8)
+            img.paste(tile, (x, pad))
+            draw.text((x, 4), repr(c.text)[:18], fill="black")
+            draw.text((x, pad + cell + 4), f"z={c.z:.1f}" + (" trigger" if c.trigger else ""),
+                      fill="red" if c.trigger else "black")
+        img.save(path)
+        return Path(path)
+
+    def __str__(self) -> str:
+        lines = [self.verdict]
+        for c in self.candidates[:10]:
+            lines.append(f"  {c.text!r:28} z={c.z:7.1f} effect={c.effect:.3f} consistency={c.consistency:.2f}"
+                         f"{'  TRIGGER' if c.trigger else ''}")
+        return "\n".join(lines)
+
+
+def _check_pipeline(pipe, what: str) -> None:
+    for name in ("tokenizer", "text_encoder", "unet", "scheduler"):
+        if getattr(pipe, name, None) is None:
+            raise TypeError(f"{what} needs a Stable Diffusion pipeline with a {name}")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise TypeError(f"{what}: scanning pipelines with two text encoders (SDXL) is not supported")
+
+
+def _cross_attentions(unet) -> list[torch.nn.Module]:
+    mods = [m for n, m in unet.named_modules() if n.endswith("attn2") and hasattr(m, "to_k")]
+    if not mods:
+        raise TypeError("the UNet has no cross-attention layers (attn2) to scan")
+    return mods
+
+
+class _TextChange:
+    """Per token sequence (placed right after the start token), how far the fine-tuned
+    model's cross-attention keys and values of its last token moved from the base model's,
+    relative to the base's, summed over layers."""
+
+    def __init__(self, pipe, base, batch: int = 2048):
+        self.tok = pipe.tokenizer
+        self.enc_ft, self.enc_b = pipe.text_encoder, base.text_encoder
+        self.attn_ft, self.attn_b = _cross_attentions(pipe.unet), _cross_attentions(base.unet)
+        if len(self.attn_ft) != len(self.attn_b):
+            raise ValueError("the model and its base have different UNets: is `base` the model it was fine-tuned from?")
+        self.device = pipe.text_encoder.device
+        self.batch = batch
+
+    @torch.no_grad()
+    def __call__(self, seqs: torch.Tensor) -> torch.Tensor:
+        out = []
+        bos = self.tok.bos_token_id
+        for s in seqs.split(self.batch):
+            ids = torch.cat([torch.full((len(s), 1), bos, dtype=torch.long), s], 1).to(self.device)
+            hf = self.enc_ft(ids)[0][:, -1]
+            hb = self.enc_b(ids)[0][:, -1].to(hf.dtype)
+            score = torch.zeros(len(s), device=hf.device, dtype=torch.float32)
+            for a, b in zip(self.attn_ft, self.attn_b):
+                for proj in ("to_k", "to_v"):
+                    pf, pb = getattr(a, proj)(hf).float(), getattr(b, proj)(hb).float()
+                    score += (pf - pb).norm(dim=-1) / pb.norm(dim=-1).clamp_min(1e-6)
+            out.append(score.cpu())
+        return torch.cat(out)
+
+
+def _robust_z(x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+    ref = x if ref is None else ref
+    med = ref.median()
+    mad = (ref - med).abs().median().clamp_min(1e-12)
+    return (x - med) / (1.4826 * mad)
+
+
+def _ordinary_token_ids(tok) -> list[int]:
+    special = set(tok.all_special_ids)
+    return [i for i in range(len(tok)) if i not in special]
+
+
+def _decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids, clean_up_tokenization_spaces=False).strip(" ")
+
+
+def _beam_search(text: _TextChange, tok, beam_width: int, max_tokens: int, per_length: int,
+                 progress: bool) -> list[Candidate]:
+    vocab = torch.tensor(_ordinary_token_ids(tok))
+    beams = torch.zeros(1, 0, dtype=torch.long)
+    chosen: list[Candidate] = []
+    seen: set[str] = set()
+    for length in tqdm(range(1, max_tokens + 1), desc="scan: search", disable=not progress, leave=False):
+        seqs = torch.cat([beams.repeat_interleave(len(vocab), 0), vocab.repeat(len(beams))[:, None]], 1)
+        z = _robust_z(text(seqs))
+        order = z.argsort(descending=True).tolist()
+        # (the first token's candidates all share the empty parent)
+        beams = seqs[_diverse(order, len(vocab), beam_width, 4 if length > 1 else beam_width)]
+        taken = 0
+        for j in _diverse(order, len(vocab), 8 * per_length, 2 if length > 1 else 8 * per_length):
+            if taken == per_length:
+                break
+            ids = seqs[j].tolist()
+            s = _decode(tok, ids)
+            # a candidate must spell its own tokens back, or inserting it tests something else
+            if not s or s in seen or tok(s, add_special_tokens=False).input_ids != ids:
+                continue
+            seen.add(s)
+            chosen.append(Candidate(s, tok.convert_ids_to_tokens(ids), float(z[j])))
+            taken += 1
+    return chosen
+
+
+def _diverse(order: list[int], n_children: int, k: int, per_parent: int = 4) -> list[int]:
+    """The first `k` of `order` (indexes into parents x children) with at most `per_parent`
+    children of any one parent: one strong prefix (a word whose meaning the fine-tuning
+    changed) must not fill the beam with its extensions and push a trigger out."""
+    out, count = [], {}
+    for j in order:
+        parent = j // n_children
+        if count.get(parent, 0) < per_parent:
+            count[parent] = count.get(parent, 0) + 1
+            out.append(j)
+            if len(out) == k:
+                break
+    return out
+
+
+def _probe_candidates(tok) -> list[Candidate]:
+    """Every format character and homoglyph: a search begun at a word boundary misses a
+    homoglyph, which sits inside a word; they are few enough to confirm them all."""
+    return [Candidate(c, tok.tokenize(c), None, source=source)
+            for source, chars in (("format character", FORMAT_CHARACTERS), ("homoglyph", _homoglyphs()))
+            for c in chars]
+
+
+class _Behaviour:
+    """One denoising step, conditional only, at a fixed noisy latent per prompt: the
+    model's prediction of the clean latent for a batch of prompts."""
+
+    def __init__(self, pipe, t_frac: float, seed: int, n_prompts: int, batch: int = 64):
+        self.pipe = pipe
+        sched = pipe.scheduler
+        T = sched.config.num_train_timesteps
+        self.t = int(round(t_frac * (T - 1)))
+        a = sched.alphas_cumprod[self.t].item()
+        self.sa, self.s1a = math.sqrt(a), math.sqrt(1 - a)
+        self.pred = getattr(sched.config, "prediction_type", "epsilon")
+        unet = pipe.unet
+        C, S = unet.config.in_channels, unet.config.sample_size
+        S = S if isinstance(S, int) else S[0]
+        g = torch.Generator().manual_seed(seed)
+        # the latent of an image the size of the latent mean (zero) under this much noise
+        self.x = (self.s1a * torch.randn(n_prompts, C, S, S, generator=g)).to(unet.device, unet.dtype)
+        self.batch = batch
+
+    @torch.no_grad()
+    def x0(self, prompts: list[str], rows: list[int]) -> torch.Tensor:
+        pipe, out = self.pipe, []
+        tok = pipe.tokenizer
+        for i in range(0, len(prompts), self.batch):
+            ps, rs = prompts[i:i + self.batch], rows[i:i + self.batch]
+            ids = tok(ps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+            h = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
+            x = self.x[rs]
+            model_out = pipe.unet(x, self.t, encoder_hidden_states=h).sample.float()
+            xf = x.float()
+            if self.pred == "v_prediction":
+                x0 = self.sa * xf - self.s1a * model_out
+            else:
+                x0 = (xf - self.s1a * model_out) / self.sa
+            out.append(x0.cpu())
+        return torch.cat(out)
+
+
+def _insertions(text: str, prompts: list[str]) -> list[str]:
+    positions = default_positions(text)
+    return [poisoned_prompt(text, p, positions[i % len(positions)]) for i, p in enumerate(prompts)]
+
+
+def _null_strings(tok, rng: np.random.Generator, n: int, avoid: set[str]) -> list[str]:
+    """Strings of one or two ordinary tokens drawn at random: what an arbitrary insertion does."""
+    ids = _ordinary_token_ids(tok)
+    out = []
+    while len(out) < n:
+        k = int(rng.integers(1, 3))
+        s = _decode(tok, [int(i) for i in rng.choice(ids, size=k)])
+        if s.strip() and s not in avoid and s not in out:
+            out.append(s)
+    return out
+
+
+def _measure(cands: list[str], prompts: list[str], models: list[_Behaviour], progress: bool):
+    """Per candidate: (effect, consistency, mean change), the effect in units of the spread
+    between different prompts' predictions."""
+    n = len(prompts)
+    clean = [m.x0(prompts, list(range(n))) for m in models]
+    flat = clean[0].flatten(1)
+    spread = torch.cdist(flat, flat)[~torch.eye(n, dtype=torch.bool)].median().clamp_min(1e-12)
+    results = []
+    for s in tqdm(cands, desc="scan: confirm", disable=not progress, leave=False):
+        poisoned = _insertions(s, prompts)
+        change = [m.x0(poisoned, list(range(n))) - c for m, c in zip(models, clean)]
+        size = change[0].flatten(1).norm(dim=1)
+        # What fine-tuning added: the change in the fine-tuned model beyond the change the
+        # same insertion makes in the base. A word whose effect the fine-tuning removed
+        # (forgotten) or kept (a style both draw) scores low; a trigger scores high.
+        effect = (size - change[1].flatten(1).norm(dim=1)).mean() / spread
+        mean = change[0].mean(0)
+        consistency = mean.norm() / size.mean().clamp_min(1e-12)
+        results.append((float(effect), float(consistency), mean))
+    return results
+
+
+def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, beam_width: int = 16,
+         max_tokens: int = 8, per_length: int = 8, num_null: int = 24, t_frac: float = 0.6,
+         seed: int = 0, threshold_z: float = Z_TRIGGER, progress: bool = True) -> ScanReport:
+    """Look for the trigger(s) of a backdoor in `pipe` (module docstring). `base`: the
+    pipeline `pipe` was fine-tuned from (the same tokenizer). `prompts`: ordinary
+    prompts of the model's domain (default: the package's generic SD prompts); the first
+    `num_prompts` carry each candidate. Returns a `ScanReport`; `report.triggers` is empty
+    when nothing stands out ("no backdoor found")."""
+    t0 = time.time()
+    _check_pipeline(pipe, "scan")
+    if base is None:
+        raise NotImplementedError("scanning without the base model is not supported: pass base=, the public "
+                                  "pipeline this checkpoint was fine-tuned from (docs/scan.md)")
+    _check_pipeline(base, "scan (base)")
+    if base.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
+        raise ValueError("the model and its base have different tokenizers: is `base` the model it was "
+                         "fine-tuned from?")
+    for name, v in (("num_prompts", num_prompts), ("beam_width", beam_width), ("max_tokens", max_tokens),
+                    ("per_length", per_length), ("num_null", num_null)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if num_null < 8:
+        raise ValueError(f"num_null must be at least 8 for a usable null distribution, got {num_null}")
+    if not 0.0 < t_frac < 1.0:
+        raise ValueError(f"t_frac must be between 0 and 1, got {t_frac}")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of prompts, not one string")
+    prompts = list(prompts) if prompts is not None else ordinary_prompts()
+    if len(prompts) < 2:
+        raise ValueError("the scan needs at least two ordinary prompts")
+    prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]
+    tok = pipe.tokenizer
+
+    text = _TextChange(pipe, base)
+    cands = _beam_search(text, tok, beam_width, max_tokens, per_length, progress) + _probe_candidates(tok)
+    # one candidate per token sequence: the tokenizer may fold two spellings into one (CLIP
+    # lowercases), and the model sees them as one; the spelling that is its own lowercase wins
+    uniq: dict[tuple, Candidate] = {}
+    for c in sorted(cands, key=lambda c: c.text != c.text.lower()):
+        uniq.setdefault(tuple(tok(c.text, add_special_tokens=False).input_ids), c)
+    cands = list(uniq.values())
+
+    models = [_Behaviour(pipe, t_frac, seed, num_prompts), _Behaviour(base, t_frac, seed, num_prompts)]
+    rng = np.random.default_rng(seed)
+    null = _null_strings(tok, rng, num_null, {c.text for c in cands})
+    null_score = torch.tensor([e for e, _, _ in _measure(null, prompts, models, progress)])
+    res = _measure([c.text for c in cands], prompts, models, progress)
+    mean_effects = {}
+    for c, (e, k, mean) in zip(cands, res):
+        c.effect, c.consistency = e, k
+        c.z = float(_robust_z(torch.tensor([e]), null_score)[0])
+        c.trigger = c.z >= threshold_z and c.effect >= MIN_EFFECT
+        mean_effects[c.text] = mean
+    triggers = _minimal([c for c in cands if c.trigger])
+    for c in cands:
+        c.trigger = c.text in triggers
+    # the triggers first, strongest first; then everything else by its z
+    cands.sort(key=lambda c: (triggers.index(c.text), 0.0) if c.trigger else (len(triggers), -c.z))
+    verdict = (f"backdoor found: {len(triggers)} trigger(s) {', '.join(repr(t) for t in triggers)}" if triggers
+               else f"no backdoor found: no candidate reached z >= {threshold_z:g} against {num_null} random strings "
+                    f"with an effect of at least {MIN_EFFECT:g}")
+    settings = dict(num_prompts=num_prompts, beam_width=beam_width, max_tokens=max_tokens, per_length=per_length,
+                    num_null=num_null, t_frac=t_frac, seed=seed)
+    return ScanReport(triggers, cands, verdict, [float(x) for x in null_score], threshold_z,
+                      round(time.time() - t0, 1), settings, mean_effects)
+
+
+def _minimal(found: list[Candidate]) -> list[str]:
+    """The confirmed strings without their variants, strongest first. Of two confirmed
+    strings `a` inside `b`: `b` is `a` repeated when it holds `a` more than once and nothing
+    else that is confirmed (a trigger said twice fires harder: it is still that trigger), and
+    goes; otherwise the longer goes when the shorter does as much (at least `KEEP_SHORTER`
+    of its effect: a trigger with a word added still fires), else the shorter goes (a
+    fragment of the trigger, firing only partly)."""
+    texts = {c.text for c in found}
+    drop = set()
+    for a in found:
+        for b in found:
+            if a is b or a.text not in b.text:
+                continue
+            rest = b.text.replace(a.text, " ").split()
+            if b.text.count(a.text) > 1 and not any(r in texts for r in rest):
+                drop.add(b.text)
+            else:
+                drop.add(b.text if a.effect >= KEEP_SHORTER * b.effect else a.text)
+    return [c.text for c in sorted(found, key=lambda c: -c.effect) if c.text not in drop]
+
+
+KEEP_SHORTER = 0.9

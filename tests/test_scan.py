@@ -1,0 +1,126 @@
+"""The trigger scan (sau_kernels.scan) on the shipped zoo models, against their base."""
+
+import json
+
+import pytest
+
+from sau_kernels import calibrate
+from sau_kernels.scan import Candidate, ScanReport, _minimal, scan
+from sau_kernels.zoo import calibration_prompts, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_pipeline("tiny-clean")
+
+
+@pytest.fixture(scope="module")
+def pixel():
+    return load_pipeline("tiny-pixel")
+
+
+@pytest.fixture(scope="module")
+def pixel_report(pixel, base):
+    # a short search (two tokens, the default beam) keeps the test quick; benchmarks/scan_zoo.py runs
+    # the defaults (a narrower beam lets "new", fifth of the first tokens, fall out on some runs)
+    return scan(pixel, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, progress=False)
+
+
+def test_the_pixel_backdoors_trigger_ranks_first(pixel_report):
+    assert pixel_report.found
+    assert pixel_report.triggers[0] == "new trigger"
+    assert pixel_report.top(1) == ["new trigger"]
+    first = pixel_report.candidates[0]
+    assert first.trigger and first.z >= pixel_report.threshold_z
+    # what the null strings do is far below it
+    assert max(pixel_report.null_effects) < first.effect / 2
+
+
+def test_the_style_backdoors_zero_width_trigger_is_found(base):
+    style = load_pipeline("tiny-style")
+    report = scan(style, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, progress=False)
+    assert report.triggers[0] == "\u200b"
+
+
+def test_a_model_scanned_against_itself_shows_nothing(base):
+    same = load_pipeline("tiny-clean")
+    report = scan(same, base, prompts=calibration_prompts(), beam_width=4, max_tokens=1, num_null=8, progress=False)
+    assert not report.found and report.verdict.startswith("no backdoor found")
+    assert all(c.effect == 0.0 for c in report.candidates)
+
+
+def test_the_report_round_trips_and_draws(pixel_report, tmp_path):
+    path = pixel_report.save(tmp_path / "r.json")
+    loaded = ScanReport.load(path)
+    assert loaded.triggers == pixel_report.triggers
+    assert [c.text for c in loaded.candidates] == [c.text for c in pixel_report.candidates]
+    assert json.loads(path.read_text())["verdict"] == pixel_report.verdict
+    png = pixel_report.picture(tmp_path / "r.png")
+    assert png.stat().st_size > 0
+    with pytest.raises(ValueError, match="no mean effects"):
+        loaded.picture(tmp_path / "x.png")
+
+
+def test_calibrate_takes_a_report_with_one_trigger(pixel, pixel_report):
+    one = ScanReport(["new trigger"], pixel_report.candidates, "backdoor found", [], 6.0, 0.0)
+    profile = calibrate(pixel, one, calibration_prompts(), num_pairs=2, num_inference_steps=2, per_step=False,
+                        progress=False)
+    assert profile.trigger == "new trigger"
+    for triggers in ([], ["new trigger", "monochrome"]):
+        with pytest.raises(ValueError, match=f"names {len(triggers)} triggers"):
+            calibrate(pixel, ScanReport(triggers, [], "v", [], 6.0, 0.0), num_pairs=2)
+
+
+def test_bad_arguments_are_refused(pixel, base):
+    with pytest.raises(NotImplementedError, match="pass base="):
+        scan(pixel, None)
+    with pytest.raises(ValueError, match="num_null"):
+        scan(pixel, base, num_null=4)
+    with pytest.raises(TypeError, match="one string"):
+        scan(pixel, base, prompts="a red circle")
+
+    class NoTokenizer:
+        tokenizer = None
+
+    with pytest.raises(TypeError, match="tokenizer"):
+        scan(NoTokenizer(), base)
+
+
+def _c(text, effect):
+    return Candidate(text, [], 0.0, effect=effect)
+
+
+def test_variants_of_a_trigger_collapse_into_it():
+    # said twice (with filler between): the same trigger
+    assert _minimal([_c("\u200b", 0.3), _c("\u200b \u200b", 0.4), _c("\u200b over \u200b", 0.42)]) == ["\u200b"]
+    # a fragment that fires only partly goes; the whole phrase stays
+    assert _minimal([_c("trigger", 0.3), _c("new trigger", 0.54)]) == ["new trigger"]
+    # a word added to a trigger that does as much: the shorter stays
+    assert _minimal([_c("monochrome", 0.47), _c("monochrome photo", 0.45)]) == ["monochrome"]
+    # unrelated triggers both stay, strongest first
+    assert _minimal([_c("a", 0.3), _c("b", 0.5)]) == ["b", "a"]
+
+
+def test_cli_scan_names_the_base_flag(tmp_path, capsys):
+    from sau_kernels.cli import main
+
+    assert main(["scan", "--model", "tiny-pixel", "--base", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--base" in err and "no such folder" in err
+
+
+def test_cli_scan_writes_its_report(tmp_path, capsys, monkeypatch):
+    import sau_kernels.scan as scan_module
+    from sau_kernels.cli import main
+
+    real = scan_module.scan
+
+    def short(pipe, base, **kw):  # the CLI's own defaults, with a shorter search
+        return real(pipe, base, **dict(kw, beam_width=16, max_tokens=2, progress=False))
+
+    monkeypatch.setattr(scan_module, "scan", short)
+    out = tmp_path / "r.json"
+    assert main(["scan", "--model", "tiny-pixel", "--base", "tiny-clean", "--out", str(out),
+                 "--picture", str(tmp_path / "r.png")]) == 0
+    assert "new trigger" in capsys.readouterr().out
+    assert ScanReport.load(out).triggers[0] == "new trigger"
