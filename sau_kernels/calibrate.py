@@ -105,7 +105,6 @@ def _check_trigger_is_rare(trigger: str, prompts: list[str], strict: bool) -> fl
     return share
 
 
-@torch.no_grad()
 def _trigger_of(trigger):
     """A scan's report stands for the one trigger it found (sau_kernels.scan)."""
     if hasattr(trigger, "triggers") and hasattr(trigger, "verdict"):
@@ -116,6 +115,7 @@ def _trigger_of(trigger):
     return trigger
 
 
+@torch.no_grad()
 def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs: int = 64,
               num_inference_steps: int = 20, guidance_scale: float = 4.5, seed: int = 0,
               per_step: bool = True, per_step_eps: bool = False, progress: bool = True,
