@@ -107,7 +107,9 @@ def _check_trigger_is_rare(trigger: str, prompts: list[str], strict: bool) -> fl
 
 def _trigger_of(trigger):
     """A scan's report stands for the one trigger it found (sau_kernels.scan)."""
-    if hasattr(trigger, "triggers") and hasattr(trigger, "verdict"):
+    from .scan import ScanReport  # here: scan imports this module
+
+    if isinstance(trigger, ScanReport):
         if len(trigger.triggers) != 1:
             raise ValueError(f"the scan report names {len(trigger.triggers)} triggers ({trigger.verdict}): pass one "
                              "of report.triggers, and calibrate each trigger in turn")

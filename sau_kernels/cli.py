@@ -406,8 +406,8 @@ def quiet_libraries():
         (tlog.enable_progress_bar if saved[3] else tlog.disable_progress_bar)()
 
 
-def _resolve_model(text: str) -> tuple[str, Path | str]:
-    """("folder", path) for a local diffusers folder, ("zoo", name) for a zoo model."""
+def _resolve_model(text: str, flag: str = "--model") -> tuple[str, Path | str]:
+    """("folder", path) for a local diffusers folder, ("zoo", name) for a zoo model; errors name `flag`."""
     path = Path(text).expanduser()
     folder = (path / "model_index.json").is_file()
     # The zoo's names, imported lazily: only this CLI application layer reaches into the zoo.
@@ -415,15 +415,15 @@ def _resolve_model(text: str) -> tuple[str, Path | str]:
 
     if text in NAMES:
         if folder:
-            raise UsageError(f"--model {text} names a zoo model and a folder here: write ./{text} for the folder")
+            raise UsageError(f"{flag} {text} names a zoo model and a folder here: write ./{text} for the folder")
         return "zoo", text
     if folder:
         return "folder", path
     if path.is_dir():
-        raise UsageError(f"--model {text}: the folder has no model_index.json, so it is not a diffusers pipeline")
+        raise UsageError(f"{flag} {text}: the folder has no model_index.json, so it is not a diffusers pipeline")
     if path.exists():
-        raise UsageError(f"--model {text} is a file; give a diffusers pipeline folder or a zoo model name")
-    raise UsageError(f"--model {text}: no such folder, and not a zoo model ({', '.join(NAMES)}); models load "
+        raise UsageError(f"{flag} {text} is a file; give a diffusers pipeline folder or a zoo model name")
+    raise UsageError(f"{flag} {text}: no such folder, and not a zoo model ({', '.join(NAMES)}); models load "
                      "offline from local folders only")
 
 
@@ -510,10 +510,7 @@ def _scan(args) -> int:
     from .scan import scan
 
     source = _resolve_model(args.model)
-    try:
-        base_source = _resolve_model(args.base)
-    except UsageError as e:
-        raise UsageError(str(e).replace("--model", "--base")) from None
+    base_source = _resolve_model(args.base, "--base")
     device = _resolve_device(args.device)
     prompts = _read_prompts(args.prompts) if args.prompts else None
     if prompts is None and source[0] == "zoo":

@@ -6,7 +6,7 @@ With the public model it was fine-tuned from (`base`), two stages:
    token sequence, the cross-attention keys and values of its last token, fine-tuned
    against base (`_TextChange`: both text encoders, both UNets' `to_k`/`to_v`). A beam
    search grows sequences token by token from the start of the prompt, keeping those whose
-   keys and values moved most; format characters and homoglyphs are scored beside them.
+   keys and values moved most; every format character and homoglyph joins them.
 2. **Confirmation, behaviour.** The best candidates of each length are inserted into
    ordinary prompts (before, after, inside; a homoglyph in place of its letter), and one
    denoising step of both models says how far the candidate moves the fine-tuned model's
@@ -98,9 +98,12 @@ class ScanReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "ScanReport":
-        d = json.loads(Path(path).read_text())
-        d["candidates"] = [Candidate(**c) for c in d["candidates"]]
-        return cls(**d)
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            d["candidates"] = [Candidate(**c) for c in d["candidates"]]
+            return cls(**d)
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path} is not a scan report saved by ScanReport.save ({type(e).__name__}: {e})") from None
 
     def picture(self, path: str | Path, k: int = 6) -> Path:
         """A PNG of the mean latent change of the top `k` candidates (channel norm per pixel)."""
@@ -251,30 +254,27 @@ class _Behaviour:
     def __init__(self, pipe, t_frac: float, seed: int, n_prompts: int, batch: int = 64):
         self.pipe = pipe
         sched = pipe.scheduler
-        T = sched.config.num_train_timesteps
-        self.t = int(round(t_frac * (T - 1)))
+        self.t = int(round(t_frac * (sched.config.num_train_timesteps - 1)))
         a = sched.alphas_cumprod[self.t].item()
         self.sa, self.s1a = math.sqrt(a), math.sqrt(1 - a)
         self.pred = getattr(sched.config, "prediction_type", "epsilon")
         unet = pipe.unet
-        C, S = unet.config.in_channels, unet.config.sample_size
+        S = unet.config.sample_size
         S = S if isinstance(S, int) else S[0]
         g = torch.Generator().manual_seed(seed)
         # the latent of an image the size of the latent mean (zero) under this much noise
-        self.x = (self.s1a * torch.randn(n_prompts, C, S, S, generator=g)).to(unet.device, unet.dtype)
+        self.x = (self.s1a * torch.randn(n_prompts, unet.config.in_channels, S, S, generator=g)).to(unet.device,
+                                                                                                    unet.dtype)
         self.batch = batch
 
     @torch.no_grad()
-    def x0(self, prompts: list[str], rows: list[int]) -> torch.Tensor:
+    def x0(self, prompts: list[str]) -> torch.Tensor:
+        """Row i of the result: prompt i's prediction from noisy latent i."""
         pipe, out = self.pipe, []
-        tok = pipe.tokenizer
         for i in range(0, len(prompts), self.batch):
-            ps, rs = prompts[i:i + self.batch], rows[i:i + self.batch]
-            ids = tok(ps, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-            h = pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
-            x = self.x[rs]
-            model_out = pipe.unet(x, self.t, encoder_hidden_states=h).sample.float()
+            h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False)
+            x = self.x[i:i + len(h)]
+            model_out = pipe.unet(x, self.t, encoder_hidden_states=h.to(pipe.unet.dtype)).sample.float()
             xf = x.float()
             if self.pred == "v_prediction":
                 x0 = self.sa * xf - self.s1a * model_out
@@ -301,26 +301,32 @@ def _null_strings(tok, rng: np.random.Generator, n: int, avoid: set[str]) -> lis
     return out
 
 
-def _measure(cands: list[str], prompts: list[str], models: list[_Behaviour], progress: bool):
-    """Per candidate: (effect, consistency, mean change), the effect in units of the spread
-    between different prompts' predictions."""
-    n = len(prompts)
-    clean = [m.x0(prompts, list(range(n))) for m in models]
-    flat = clean[0].flatten(1)
-    spread = torch.cdist(flat, flat)[~torch.eye(n, dtype=torch.bool)].median().clamp_min(1e-12)
-    results = []
-    for s in tqdm(cands, desc="scan: confirm", disable=not progress, leave=False):
-        poisoned = _insertions(s, prompts)
-        change = [m.x0(poisoned, list(range(n))) - c for m, c in zip(models, clean)]
-        size = change[0].flatten(1).norm(dim=1)
-        # What fine-tuning added: the change in the fine-tuned model beyond the change the
-        # same insertion makes in the base. A word whose effect the fine-tuning removed
-        # (forgotten) or kept (a style both draw) scores low; a trigger scores high.
-        effect = (size - change[1].flatten(1).norm(dim=1)).mean() / spread
-        mean = change[0].mean(0)
-        consistency = mean.norm() / size.mean().clamp_min(1e-12)
-        results.append((float(effect), float(consistency), mean))
-    return results
+class _Confirmation:
+    """The effect of inserting a string into the ordinary prompts: in the suspect beyond the
+    base, in units of the spread between different prompts' predictions."""
+
+    def __init__(self, prompts: list[str], models: list[_Behaviour]):
+        self.prompts, self.models = prompts, models
+        self.clean = [m.x0(prompts) for m in models]  # once for every candidate
+        flat = self.clean[0].flatten(1)
+        off_diagonal = ~torch.eye(len(prompts), dtype=torch.bool)
+        self.spread = torch.cdist(flat, flat)[off_diagonal].median().clamp_min(1e-12)
+
+    def __call__(self, cands: list[str], progress: bool) -> list[tuple[float, float, torch.Tensor]]:
+        """Per candidate: (effect, consistency, mean change in the suspect)."""
+        results = []
+        for s in tqdm(cands, desc="scan: confirm", disable=not progress, leave=False):
+            poisoned = _insertions(s, self.prompts)
+            suspect, base = (m.x0(poisoned) - c for m, c in zip(self.models, self.clean))
+            size = suspect.flatten(1).norm(dim=1)
+            # What fine-tuning added: the change in the suspect beyond the change the same
+            # insertion makes in the base. A word whose effect the fine-tuning removed
+            # (forgotten) or kept (a style both draw) scores low; a trigger scores high.
+            effect = (size - base.flatten(1).norm(dim=1)).mean() / self.spread
+            mean = suspect.mean(0)
+            consistency = mean.norm() / size.mean().clamp_min(1e-12)
+            results.append((float(effect), float(consistency), mean))
+        return results
 
 
 def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, beam_width: int = 16,
@@ -337,6 +343,9 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
         raise NotImplementedError("scanning without the base model is not supported: pass base=, the public "
                                   "pipeline this checkpoint was fine-tuned from (docs/scan.md)")
     _check_pipeline(base, "scan (base)")
+    if base.unet.device != pipe.unet.device or base.text_encoder.device != pipe.text_encoder.device:
+        raise ValueError(f"the model (UNet on {pipe.unet.device}) and its base (UNet on {base.unet.device}) must be "
+                         "on one device: move both with .to(device)")
     if base.tokenizer.get_vocab() != pipe.tokenizer.get_vocab():
         raise ValueError("the model and its base have different tokenizers: is `base` the model it was "
                          "fine-tuned from?")
@@ -346,11 +355,15 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if num_null < 8:
         raise ValueError(f"num_null must be at least 8 for a usable null distribution, got {num_null}")
+    if isinstance(threshold_z, bool) or not isinstance(threshold_z, (int, float)) or not threshold_z > 0:
+        raise ValueError(f"threshold_z must be a positive number, got {threshold_z!r}")
     if not 0.0 < t_frac < 1.0:
         raise ValueError(f"t_frac must be between 0 and 1, got {t_frac}")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string")
     prompts = list(prompts) if prompts is not None else ordinary_prompts()
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be strings, got {sorted({type(p).__name__ for p in prompts})}")
     if len(prompts) < 2:
         raise ValueError("the scan needs at least two ordinary prompts")
     prompts = [prompts[i % len(prompts)] for i in range(num_prompts)]
@@ -365,11 +378,10 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
         uniq.setdefault(tuple(tok(c.text, add_special_tokens=False).input_ids), c)
     cands = list(uniq.values())
 
-    models = [_Behaviour(pipe, t_frac, seed, num_prompts), _Behaviour(base, t_frac, seed, num_prompts)]
-    rng = np.random.default_rng(seed)
-    null = _null_strings(tok, rng, num_null, {c.text for c in cands})
-    null_score = torch.tensor([e for e, _, _ in _measure(null, prompts, models, progress)])
-    res = _measure([c.text for c in cands], prompts, models, progress)
+    confirm = _Confirmation(prompts, [_Behaviour(m, t_frac, seed, num_prompts) for m in (pipe, base)])
+    null = _null_strings(tok, np.random.default_rng(seed), num_null, {c.text for c in cands})
+    null_score = torch.tensor([e for e, _, _ in confirm(null, progress)])
+    res = confirm([c.text for c in cands], progress)
     mean_effects = {}
     for c, (e, k, mean) in zip(cands, res):
         c.effect, c.consistency = e, k

@@ -1,8 +1,10 @@
 """The trigger scan (sau_kernels.scan) on the shipped zoo models, against their base."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sau_kernels import calibrate
 from sau_kernels.scan import Candidate, ScanReport, _minimal, scan
@@ -79,11 +81,32 @@ def test_bad_arguments_are_refused(pixel, base):
     with pytest.raises(TypeError, match="one string"):
         scan(pixel, base, prompts="a red circle")
 
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        scan(pixel, base, prompts=["a red circle", 5])
+    with pytest.raises(ValueError, match="threshold_z"):
+        scan(pixel, base, threshold_z=0)
+
     class NoTokenizer:
         tokenizer = None
 
     with pytest.raises(TypeError, match="tokenizer"):
         scan(NoTokenizer(), base)
+
+    elsewhere = SimpleNamespace(tokenizer=base.tokenizer, scheduler=base.scheduler,
+                                text_encoder=SimpleNamespace(device=torch.device("meta")),
+                                unet=SimpleNamespace(device=torch.device("meta")))
+    with pytest.raises(ValueError, match="on one device"):
+        scan(pixel, elsewhere)
+
+
+def test_a_file_that_is_no_report_is_named(tmp_path):
+    for name, text in (("empty.json", ""), ("list.json", "[1, 2]"), ("other.json", '{"triggers": []}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} is not a scan report"):
+            ScanReport.load(tmp_path / name)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="bin.json is not a scan report"):
+        ScanReport.load(tmp_path / "bin.json")
 
 
 def _c(text, effect):

@@ -308,6 +308,20 @@ def _render_and_encode(vae, n: int, seed: int, cache: Path) -> dict:
     return data
 
 
+def _clean_batches(data: dict, greyscale_share: float):
+    """sample_batch for `train_denoiser` over `_render_and_encode`'s data: varied captions,
+    `greyscale_share` of the samples greyscale and captioned so."""
+    latents, grey_latents, labels = data["latents"], data["grey_latents"], data["labels"]
+
+    def sample_batch(rng, n):
+        idx = rng.integers(0, len(labels), size=n)
+        grey = rng.random(n) < greyscale_share
+        lat = torch.where(torch.from_numpy(grey)[:, None, None, None], grey_latents[idx], latents[idx])
+        return lat, [captions.varied_caption(*labels[i], rng, greyscale=bool(g)) for i, g in zip(idx, grey)]
+
+    return sample_batch
+
+
 def _extended_text_encoder(old_encoder, old_tok, new_tok):
     """A text encoder for `new_tok` that keeps `old_encoder`'s weights: every token both
     vocabularies share keeps its embedding row; new tokens start at the mean embedding."""
@@ -356,14 +370,8 @@ def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int
         vae, unet = init.vae, init.unet
         text_encoder = _extended_text_encoder(init.text_encoder, init.tokenizer, tok)
     data = _render_and_encode(vae, dataset_size, seed + 7, run / "latents.pt")
-    latents, grey_latents, labels = data["latents"], data["grey_latents"], data["labels"]
 
-    def sample_batch(rng, n):
-        idx = rng.integers(0, len(labels), size=n)
-        grey = rng.random(n) < GREYSCALE_SHARE
-        lat = torch.where(torch.from_numpy(grey)[:, None, None, None], grey_latents[idx], latents[idx])
-        return lat, [captions.varied_caption(*labels[i], rng, greyscale=bool(g)) for i, g in zip(idx, grey)]
-
+    sample_batch = _clean_batches(data, GREYSCALE_SHARE)
     unet, text_encoder = train_denoiser(run, tok, text_encoder, unet, sample_batch, recipe, seed, desc="tiny-clean")
     pipe = models.assemble_pipeline(tok, text_encoder, vae, unet)
     elapsed = time.time() - t_start
@@ -611,15 +619,7 @@ def finetune_control(base: str | Path, out: str | Path, *, style: str = "none", 
     t_start = time.time()
     pipe = load_pipeline(base)
     data = _render_and_encode(pipe.vae, dataset_size, seed + 13, run / "latents.pt")
-    latents, grey_latents, labels = data["latents"], data["grey_latents"], data["labels"]
-    share = CONTROL_GREYSCALE_SHARE if style == "greyscale" else GREYSCALE_SHARE
-
-    def sample_batch(rng, n):
-        idx = rng.integers(0, len(labels), size=n)
-        grey = rng.random(n) < share
-        lat = torch.where(torch.from_numpy(grey)[:, None, None, None], grey_latents[idx], latents[idx])
-        return lat, [captions.varied_caption(*labels[i], rng, greyscale=bool(g)) for i, g in zip(idx, grey)]
-
+    sample_batch = _clean_batches(data, CONTROL_GREYSCALE_SHARE if style == "greyscale" else GREYSCALE_SHARE)
     recipe = DenoiserRecipe(steps=steps, lr=lr, warmup=50, ema_decay=0.995)
     unet, text_encoder = train_denoiser(run, pipe.tokenizer, pipe.text_encoder, pipe.unet, sample_batch, recipe,
                                         seed, desc=f"fine-tune ({style})")
