@@ -41,9 +41,10 @@ __all__ = ["scan", "ScanReport", "Candidate", "Z_TRIGGER"]
 Z_TRIGGER = 6.0
 # ... and its effect (what the fine-tuning added to the change the insertion makes, in units
 # of the spread between two different ordinary prompts' predictions) at least this: a
-# quarter of what changing the prompt does. On tiny-pixel against tiny-clean, strings that
-# paint its patch measured 0.33-0.53 and strings that do not (a word whose keys the
-# fine-tuning moved, a Greek letter) 0.04-0.13; the other models were scanned with it fixed.
+# quarter of what changing the prompt does. Set after scanning tiny-pixel against tiny-clean
+# alone: strings there that paint its patch in full generations measured 0.29 ("white",
+# which fires 38% of the time) to 0.54 ("new trigger"), strings that do not ("and", a Greek
+# letter) 0.11-0.13. The other models were scanned with it fixed.
 MIN_EFFECT = 0.25
 # The format characters attackers use (BadT2I's U+200B and its relatives).
 FORMAT_CHARACTERS = ("\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u180e", "\u2061")
