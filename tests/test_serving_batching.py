@@ -215,7 +215,7 @@ CHILD = textwrap.dedent(r"""
     import numpy as np, torch
     from sau_kernels.zoo import metrics
     from sau_kernels.serving.numerics import batch_invariant
-    from sau_kernels.serving.service import ImageService, decode_png
+    from sau_kernels.serving.service import ImageService, decode_latents, decode_png
     from sau_kernels.zoo import backdoor_info, load_pipeline
 
     svc = ImageService.load("tiny-pixel", max_batch_rows=16, modes=["per_step"])
@@ -231,7 +231,13 @@ CHILD = textwrap.dedent(r"""
     mixed = svc.run([svc.plan(b) for b in bodies])
     reversed_ = svc.run([svc.plan(b) for b in bodies[::-1]])[::-1]
     arr = lambda r: np.stack([decode_png(i) for i in r["images"]])
+    # latents too: a last-bit difference in them rarely survives rounding to 8-bit pixels
+    latent_bodies = [dict(b, output="latent") for b in bodies]
+    latents_alone = [decode_latents(svc.generate(b)["latents"]) for b in latent_bodies]
+    latents_mixed = [decode_latents(r["latents"]) for r in svc.run([svc.plan(b) for b in latent_bodies])]
     out = {"same_alone_mixed": [bool(np.array_equal(arr(a), arr(m))) for a, m in zip(alone, mixed)],
+           "same_latents_alone_mixed": [bool(np.array_equal(a, m)) for a, m in zip(latents_alone, latents_mixed)],
+           "threads": torch.get_num_threads(),
            "same_alone_reversed": [bool(np.array_equal(arr(a), arr(m))) for a, m in zip(alone, reversed_)],
            "triggered": [m["report"]["triggered"] for m in mixed],
            "modes": [m["report"]["mode"] for m in mixed],
@@ -251,9 +257,9 @@ CHILD = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def child_result():
-    env = dict(os.environ, MKL_CBWR="AUTO,STRICT", OMP_NUM_THREADS="1")
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-thread", "2-threads"])
+def child_result(request):
+    env = dict(os.environ, MKL_CBWR="AUTO,STRICT", OMP_NUM_THREADS=str(request.param))
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -261,6 +267,7 @@ def child_result():
 
 
 def test_same_image_alone_and_in_any_batch(child_result):
+    assert all(child_result["same_latents_alone_mixed"]), child_result
     assert all(child_result["same_alone_mixed"]), child_result
     assert all(child_result["same_alone_reversed"]), child_result
     assert child_result["rows"] == [10] * 5 + [2]  # one call of 1 + 2 + 2 + 4 + 1 rows, one in mode per_step

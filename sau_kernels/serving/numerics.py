@@ -4,7 +4,10 @@ A server batches requests, so one request's image is computed alongside whatever
 arrived with it. With PyTorch's default CPU kernels a row's result depends, in its last
 bits, on the batch it ran in (measured on torch 2.13, MKL 2024.2, oneDNN 3.12):
 
-- MKL's sgemm takes another code path for matrices of 5 rows or fewer;
+- MKL's sgemm takes another code path for matrices of 5 rows or fewer, and even in its
+  strict reproducible mode for 3 rows or fewer: a lone image's timestep embedding (two
+  rows under classifier-free guidance) comes out a last bit off the same embedding in a
+  batch, and the whole denoising loop with it;
 - torch runs a 1x1 convolution on oneDNN from 16 images up (or with several threads) and
   on its native kernel below, and a 3x3 convolution of one small image always natively;
 - a lone image's tensors after the VAE's attention block have an ambiguous memory
@@ -13,7 +16,8 @@ bits, on the batch it ran in (measured on torch 2.13, MKL 2024.2, oneDNN 3.12):
 
 `batch_invariant(pipe)` removes each of these: MKL in its strict reproducible mode
 (`MKL_CBWR=AUTO,STRICT`, read when MKL starts, so it must be in the process environment
-before torch runs its first matrix product: `BATCH_INVARIANT_ENV`), every 1x1 convolution
+before torch runs its first matrix product: `BATCH_INVARIANT_ENV`), every linear layer
+given at least `MIN_GEMM_ROWS` rows (zero rows added below fewer, then dropped), every 1x1 convolution
 on torch's native kernel (one image at a time, whatever the batch), the VAE decode on
 the native kernels with contiguous attention outputs. 3x3 convolutions of the UNet stay
 on oneDNN, which gives each image the same result in any batch of two rows or more: the
@@ -21,8 +25,8 @@ UNet always sees two rows per image under classifier-free guidance. (Without gui
 guidance_scale <= 1, a lone single-image call would be the exception.)
 
 Measured on the zoo's tiny-pixel (one thread, 16 images in one call): about 12% slower
-than the default kernels at 16 images, the same at one, and every image bit-identical
-whatever its batch (tests/test_serving_batching.py). Eager mode only (the switches are
+than the default kernels at 16 images, the same at one, and every image's latents
+bit-identical whatever its batch, with one or two threads (tests/test_serving_batching.py). Eager mode only (the switches are
 process-wide flags, around each call); nothing of this applies on CUDA.
 """
 
@@ -35,8 +39,11 @@ import os
 import torch
 
 BATCH_INVARIANT_ENV = {"MKL_CBWR": "AUTO,STRICT"}
+# sgemm in strict mode gives every row the result it has in any larger matrix from 4 rows
+# up, and another below (measured for 1-5000 rows, K 32-768, N 3-1280, 1 and 2 threads)
+MIN_GEMM_ROWS = 4
 
-__all__ = ["BATCH_INVARIANT_ENV", "batch_invariant", "is_batch_invariant"]
+__all__ = ["BATCH_INVARIANT_ENV", "MIN_GEMM_ROWS", "batch_invariant", "is_batch_invariant"]
 
 
 def _env_ready() -> bool:
@@ -64,6 +71,10 @@ def batch_invariant(pipe, *, threads: int | None = None):
         return pipe
     from diffusers.models.attention_processor import Attention
 
+    for model in _models(pipe):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.forward = _with_min_rows(module.forward)
     for model in (pipe.unet, pipe.vae):
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
@@ -74,6 +85,27 @@ def batch_invariant(pipe, *, threads: int | None = None):
     pipe.vae.decode = _natively(pipe.vae.decode)
     pipe._sau_batch_invariant = True
     return pipe
+
+
+def _models(pipe):
+    names = ("text_encoder", "text_encoder_2", "unet", "vae")
+    return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+
+
+def _with_min_rows(forward):
+    """A linear layer's forward on at least MIN_GEMM_ROWS rows: fewer get zero rows below,
+    dropped from the result (each row's result does not depend on the others)."""
+    @functools.wraps(forward)
+    def run(x, *args, **kwargs):
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if x.device.type != "cpu" or rows == 0 or rows >= MIN_GEMM_ROWS:
+            return forward(x, *args, **kwargs)
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[-1])])
+        out = forward(padded, *args, **kwargs)[:rows]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    return run
 
 
 @contextlib.contextmanager
