@@ -17,7 +17,7 @@ bits, on the batch it ran in (measured on torch 2.13, MKL 2024.2, oneDNN 3.12):
 `batch_invariant(pipe)` removes each of these: MKL in its strict reproducible mode
 (`MKL_CBWR=AUTO,STRICT`, read when MKL starts, so it must be in the process environment
 before torch runs its first matrix product: `BATCH_INVARIANT_ENV`), every linear layer
-given at least `MIN_GEMM_ROWS` rows (zero rows added below fewer, then dropped), every 1x1 convolution
+on at least `MIN_GEMM_ROWS` rows (zero rows added, then dropped), every 1x1 convolution
 on torch's native kernel (one image at a time, whatever the batch), the VAE decode on
 the native kernels with contiguous attention outputs. 3x3 convolutions of the UNet stay
 on oneDNN, which gives each image the same result in any batch of two rows or more: the
@@ -26,8 +26,9 @@ guidance_scale <= 1, a lone single-image call would be the exception.)
 
 Measured on the zoo's tiny-pixel (one thread, 16 images in one call): about 12% slower
 than the default kernels at 16 images, the same at one, and every image's latents
-bit-identical whatever its batch, with one or two threads (tests/test_serving_batching.py). Eager mode only (the switches are
-process-wide flags, around each call); nothing of this applies on CUDA.
+bit-identical whatever its batch, with one or two threads (tests/test_serving_batching.py).
+Eager mode only (the switches are process-wide flags, around each call); nothing of this
+applies on CUDA.
 """
 
 from __future__ import annotations
