@@ -10,7 +10,7 @@ With the public model it was fine-tuned from (`base`), two stages:
 2. **Confirmation, behaviour.** The best candidates of each length are inserted into
    ordinary prompts (before, after, inside; a homoglyph in place of its letter), and one
    denoising step of both models says how far the candidate moves the fine-tuned model's
-   prediction beyond what it does to the base's (`_Behaviour`). Random strings of
+   prediction beyond what it does to the base's (`onestep.OneStep`). Random strings of
    ordinary tokens, measured the same way, are the null: a candidate is a trigger when its
    robust z-score against them is at least `Z_TRIGGER`.
 
@@ -21,7 +21,6 @@ measured), rather than return a verdict it cannot back.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibrate import default_positions, ordinary_prompts, poisoned_prompt
+from .onestep import OneStep
 from .screening import homoglyph_of
 
 __all__ = ["scan", "ScanReport", "Candidate", "Z_TRIGGER"]
@@ -248,43 +248,6 @@ def _probe_candidates(tok) -> list[Candidate]:
             for c in chars]
 
 
-class _Behaviour:
-    """One denoising step, conditional only, at a fixed noisy latent per prompt: the
-    model's prediction of the clean latent for a batch of prompts."""
-
-    def __init__(self, pipe, t_frac: float, seed: int, n_prompts: int, batch: int = 64):
-        self.pipe = pipe
-        sched = pipe.scheduler
-        self.t = int(round(t_frac * (sched.config.num_train_timesteps - 1)))
-        a = sched.alphas_cumprod[self.t].item()
-        self.sa, self.s1a = math.sqrt(a), math.sqrt(1 - a)
-        self.pred = getattr(sched.config, "prediction_type", "epsilon")
-        unet = pipe.unet
-        S = unet.config.sample_size
-        S = S if isinstance(S, int) else S[0]
-        g = torch.Generator().manual_seed(seed)
-        # the latent of an image the size of the latent mean (zero) under this much noise
-        self.x = (self.s1a * torch.randn(n_prompts, unet.config.in_channels, S, S, generator=g)).to(unet.device,
-                                                                                                    unet.dtype)
-        self.batch = batch
-
-    @torch.no_grad()
-    def x0(self, prompts: list[str]) -> torch.Tensor:
-        """Row i of the result: prompt i's prediction from noisy latent i."""
-        pipe, out = self.pipe, []
-        for i in range(0, len(prompts), self.batch):
-            h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False)
-            x = self.x[i:i + len(h)]
-            model_out = pipe.unet(x, self.t, encoder_hidden_states=h.to(pipe.unet.dtype)).sample.float()
-            xf = x.float()
-            if self.pred == "v_prediction":
-                x0 = self.sa * xf - self.s1a * model_out
-            else:
-                x0 = (xf - self.s1a * model_out) / self.sa
-            out.append(x0.cpu())
-        return torch.cat(out)
-
-
 def _insertions(text: str, prompts: list[str]) -> list[str]:
     positions = default_positions(text)
     return [poisoned_prompt(text, p, positions[i % len(positions)]) for i, p in enumerate(prompts)]
@@ -306,7 +269,7 @@ class _Confirmation:
     """The effect of inserting a string into the ordinary prompts: in the suspect beyond the
     base, in units of the spread between different prompts' predictions."""
 
-    def __init__(self, prompts: list[str], models: list[_Behaviour]):
+    def __init__(self, prompts: list[str], models: list[OneStep]):
         self.prompts, self.models = prompts, models
         self.clean = [m.x0(prompts) for m in models]  # once for every candidate
         flat = self.clean[0].flatten(1)
@@ -379,7 +342,7 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
         uniq.setdefault(tuple(tok(c.text, add_special_tokens=False).input_ids), c)
     cands = list(uniq.values())
 
-    confirm = _Confirmation(prompts, [_Behaviour(m, t_frac, seed, num_prompts) for m in (pipe, base)])
+    confirm = _Confirmation(prompts, [OneStep(m, t_frac, seed, num_prompts) for m in (pipe, base)])
     null = _null_strings(tok, np.random.default_rng(seed), num_null, {c.text for c in cands})
     null_score = torch.tensor([e for e, _, _ in confirm(null, progress)])
     res = confirm([c.text for c in cands], progress)

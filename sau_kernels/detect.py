@@ -1,0 +1,335 @@
+"""Flag triggered prompts nobody described, and find the trigger inside them (docs/detect.md).
+
+With the public model a checkpoint was fine-tuned from (`base`), one denoising step of
+both models on the same fixed noise says what fine-tuning changed for a prompt:
+d(p) = x0_suspect(p) - x0_base(p) (`onestep.OneStep`). On ordinary prompts that change
+lives in a small subspace (what the fine-tune did to everything: its data's look, a
+benign style); a backdoor's target (a patch, a colour change) adds a direction the
+ordinary prompts never take. The score of a prompt is the size of d(p) outside the
+subspace of the calibration prompts' changes (their mean and `components` principal
+directions), divided by the threshold: the `quantile` of the same size on calibration
+prompts held out of the subspace's fit (cross-fitted, so the threshold is not the
+in-sample one). A prompt scoring above 1 is flagged.
+
+Localisation ablates each unit of a flagged prompt (every word; every run of format
+characters; every homoglyph, put back to the Latin letter it imitates) in one batched
+step and cuts the unit whose ablation lowers the score most, with the neighbouring words
+that lower it nearly as much (`_grow`); while the rest still scores above 1 (a trigger
+written twice), the search goes on, for at most `max_rounds` rounds. The twin is the prompt without them
+and must itself score 1 or below; otherwise the prompt is not localised, and a patched
+pipeline refuses it (`DetectionError`) rather than generate it undefended.
+
+Cost per call: two UNet rows per prompt (suspect and base, conditional only, one step)
+and two text encodings; a flagged prompt adds two rows per unit per round.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .onestep import OneStep
+from .profile import ProfileMismatchError, pipeline_fingerprint
+from .screening import Screened, _invisible, homoglyph_of, screen_prompts
+
+__all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
+
+# The detector's settings, fixed before any zoo model was measured: the timestep the scan
+# confirms at, a subspace a quarter of the 128-256 calibration prompts wide, a 1% false
+# positive rate on ordinary prompts.
+T_FRAC = 0.6
+COMPONENTS = 32
+QUANTILE = 0.99
+FOLDS = 4
+MAX_ROUNDS = 4
+# A word next to the best cut joins it when its own cut lowers the score by this share of
+# the best cut's drop. Chosen on 12 prompts of tiny-pixel and tiny-random-style (a second
+# trigger word drops it by 0.37-0.6 of the first, content words by 0.0-0.33).
+EXTEND_SHARE = 1 / 3
+
+
+class DetectionError(ValueError):
+    """A prompt the detector flagged, in which no trigger could be localised: refused."""
+
+
+@dataclass(frozen=True)
+class Localised:
+    """Where the detector found the trigger in a flagged prompt."""
+
+    prompt: str
+    score: float
+    spans: tuple[tuple[int, int], ...] = ()  # character ranges of `prompt` that were cut
+    clean_prompt: str | None = None  # None: not localised
+    clean_score: float | None = None
+    rounds: int = 0
+
+    @property
+    def found(self) -> bool:
+        return self.clean_prompt is not None
+
+    @property
+    def removed(self) -> list[str]:
+        return [self.prompt[a:b] for a, b in self.spans]
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "spans": [list(s) for s in self.spans], "removed": self.removed,
+                "clean_prompt": self.clean_prompt, "clean_score": self.clean_score, "rounds": self.rounds}
+
+
+@dataclass(frozen=True)
+class _Unit:
+    start: int
+    end: int
+    replacement: str  # "" deletes; a homoglyph is put back to its Latin letter
+    word: bool
+
+
+def prompt_units(prompt: str) -> list[_Unit]:
+    """What localisation ablates: every whitespace-separated word, every run of format
+    characters, every homoglyph character."""
+    units = [_Unit(m.start(), m.end(), "", True) for m in re.finditer(r"\S+", prompt)]
+    i = 0
+    while i < len(prompt):
+        if _invisible(prompt[i]) and not prompt[i].isspace():
+            j = i
+            while j < len(prompt) and _invisible(prompt[j]) and not prompt[j].isspace():
+                j += 1
+            units.append(_Unit(i, j, "", False))
+            i = j
+            continue
+        latin = homoglyph_of(prompt[i]) if not prompt[i].isascii() else None
+        if latin:
+            units.append(_Unit(i, i + 1, latin, False))
+        i += 1
+    return units
+
+
+def _ablate(prompt: str, units: list[_Unit]) -> str:
+    """The prompt with `units` cut (a unit inside a cut word goes with it), whitespace
+    collapsed where a word went."""
+    words = [u for u in units if u.word]
+    inner = [u for u in units if not u.word and not any(w.start <= u.start and u.end <= w.end for w in words)]
+    out, pos = [], 0
+    for u in sorted(words + inner, key=lambda u: u.start):
+        out.append(prompt[pos:u.start])
+        out.append(u.replacement)
+        pos = u.end
+    out.append(prompt[pos:])
+    text = "".join(out)
+    return " ".join(text.split()) if words else text
+
+
+def _grow(units: list[_Unit], scores: np.ndarray, best: int, current: float) -> list[_Unit]:
+    """The unit whose cut lowers the score most, with the words next to it whose own cut
+    lowers it by at least EXTEND_SHARE of that (a trigger of several words: cutting one
+    often clears the score, and the rest would stay in the twin). A homoglyph or a run of
+    format characters is cut alone."""
+    if not units[best].word:
+        return [units[best]]
+    words = sorted((i for i, u in enumerate(units) if u.word), key=lambda i: units[i].start)
+    pos = words.index(best)
+    floor = EXTEND_SHARE * (current - scores[best])
+    lo = hi = pos
+    while lo > 0 and current - scores[words[lo - 1]] >= floor:
+        lo -= 1
+    while hi + 1 < len(words) and current - scores[words[hi + 1]] >= floor:
+        hi += 1
+    return [units[i] for i in words[lo:hi + 1]]
+
+
+def _spans(prompt: str, units: list[_Unit]) -> tuple[tuple[int, int], ...]:
+    """Character ranges of the cut units, neighbours joined across whitespace."""
+    ranges = sorted((u.start, u.end) for u in units)
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and (a <= out[-1][1] or prompt[out[-1][1]:a].isspace()):
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+def _subspace(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = features.mean(0)
+    k = max(0, min(k, features.shape[0] - 1))
+    _, _, vh = torch.linalg.svd(features - mean, full_matrices=False)
+    return mean, vh[:k]
+
+
+def _residual(features: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    y = features - mean
+    return (y - (y @ basis.T) @ basis).norm(dim=1)
+
+
+def _check_pair(pipe, base) -> None:
+    for name, m in (("pipe", pipe), ("base", base)):
+        if not all(hasattr(m, a) for a in ("unet", "scheduler", "encode_prompt")):
+            raise TypeError(f"{name} must be a diffusers Stable Diffusion pipeline, got {type(m).__name__}")
+    keys = ("in_channels", "sample_size", "cross_attention_dim")
+    a, b = ({k: getattr(m.unet.config, k, None) for k in keys} for m in (pipe, base))
+    if a != b:
+        raise ValueError(f"the base's UNet does not match the checkpoint's ({b} against {a}): is it the model "
+                         "it was fine-tuned from?")
+    if pipe.unet.device != base.unet.device:
+        raise ValueError(f"the checkpoint is on {pipe.unet.device} and the base on {base.unet.device}: "
+                         "put both on one device")
+
+
+class TriggerDetector:
+    """A per-checkpoint detector of triggered prompts; `calibrate` makes one, `load` reads one."""
+
+    def __init__(self, pipe, base, *, mean: torch.Tensor, basis: torch.Tensor, threshold: float, meta: dict):
+        _check_pair(pipe, base)
+        self.pipe, self.base = pipe, base
+        self.mean, self.basis = mean.double().cpu(), basis.double().cpu()
+        self.threshold = float(threshold)
+        self.meta = dict(meta)
+        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=256) for m in (pipe, base)]
+
+    # --- making one -------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def calibrate(cls, pipe, base, prompts: list[str] | None = None, *, components: int = COMPONENTS,
+                  quantile: float = QUANTILE, folds: int = FOLDS, t_frac: float = T_FRAC, seed: int = 0,
+                  progress: bool = True) -> "TriggerDetector":
+        """Fit the detector on ordinary prompts (the package's generic ones by default; the
+        traffic's own, trigger-free, are better): at least 4 * folds of them."""
+        from .calibrate import ordinary_prompts
+
+        _check_pair(pipe, base)
+        prompts = list(ordinary_prompts() if prompts is None else prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings")
+        if folds < 2 or len(prompts) < 4 * folds:
+            raise ValueError(f"calibration needs at least {4 * max(folds, 2)} prompts and folds >= 2 "
+                             f"(got {len(prompts)} prompts, folds={folds})")
+        if not 0.5 <= quantile < 1:
+            raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
+        meta = dict(t_frac=float(t_frac), seed=int(seed))
+        probes = [OneStep(m, t_frac, seed, 1, batch=256) for m in (pipe, base)]
+        feats = _features(probes, prompts, progress, "detect: calibrate")
+        order = np.random.default_rng(seed).permutation(len(prompts))
+        held_out = []
+        for f in range(folds):  # each prompt's residual from a subspace fitted without it
+            test = order[f::folds]
+            train = np.setdiff1d(order, test)
+            mean, basis = _subspace(feats[train], components)
+            held_out.append(_residual(feats[test], mean, basis))
+        held_out = torch.cat(held_out)
+        threshold = float(torch.quantile(held_out, quantile))
+        mean, basis = _subspace(feats, components)
+        meta.update(components=int(basis.shape[0]), quantile=float(quantile), folds=int(folds),
+                    num_prompts=len(prompts), latent_shape=list(probes[0].latent_shape),
+                    model_fingerprint=pipeline_fingerprint(pipe), base_fingerprint=pipeline_fingerprint(base),
+                    held_out_median=float(held_out.median()))
+        return cls(pipe, base, mean=mean, basis=basis, threshold=threshold, meta=meta)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        save_file({"mean": self.mean.float().contiguous(), "basis": self.basis.float().contiguous()}, str(path),
+                  metadata={"sau_detector": "1", "threshold": repr(self.threshold), "meta": json.dumps(self.meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, pipe, base, *, allow_mismatch: bool = False) -> "TriggerDetector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - name the file, whatever the reader's complaint
+            raise ValueError(f"{path} is not a trigger detector (safetensors): {e}") from None
+        if md.get("sau_detector") != "1" or set(tensors) != {"mean", "basis"}:
+            raise ValueError(f"{path} is not a trigger detector (no sau_detector metadata)")
+        meta = json.loads(md["meta"])
+        if not allow_mismatch:
+            for name, m, want in (("checkpoint", pipe, meta["model_fingerprint"]),
+                                  ("base", base, meta["base_fingerprint"])):
+                if pipeline_fingerprint(m) != want:
+                    raise ProfileMismatchError(f"{path} was calibrated for another {name} model "
+                                               f"(fingerprint {want}, this one {pipeline_fingerprint(m)})")
+        return cls(pipe, base, mean=tensors["mean"], basis=tensors["basis"], threshold=float(md["threshold"]),
+                   meta=meta)
+
+    # --- using one --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def scores(self, prompts: list[str]) -> np.ndarray:
+        """Per prompt: its change outside the ordinary prompts' subspace over the threshold
+        (above 1: flagged)."""
+        if not prompts:
+            return np.zeros(0)
+        feats = _features(self._probes, list(prompts), False, "")
+        return (_residual(feats, self.mean, self.basis) / self.threshold).numpy()
+
+    def localise(self, prompt: str, score: float | None = None, max_rounds: int = MAX_ROUNDS) -> Localised:
+        """The units of a flagged prompt whose cut brings its score to 1 or below."""
+        score = float(self.scores([prompt])[0]) if score is None else float(score)
+        if score <= 1:
+            return Localised(prompt, score, (), prompt, score, 0)
+        units, chosen, current = prompt_units(prompt), [], score
+        for rnd in range(1, max_rounds + 1):
+            rest = [u for u in units if u not in chosen]
+            if not rest:
+                break
+            s = self.scores([_ablate(prompt, chosen + [u]) for u in rest])
+            best = int(np.argmin(s))
+            if s[best] >= current:  # no cut lowers the score: nothing to localise
+                break
+            chosen += _grow(rest, s, best, current)
+            twin = _ablate(prompt, chosen)
+            current = float(self.scores([twin])[0])
+            if current <= 1:
+                return Localised(prompt, score, _spans(prompt, chosen), twin, current, rnd)
+        return Localised(prompt, score, _spans(prompt, chosen), None, None, max_rounds)
+
+    def screen(self, prompts: list[str], screened: list[Screened], matchers, profile_ids: tuple[int, ...]):
+        """The screen's verdicts with the detector's added: every prompt the known triggers
+        did not match is scored; a flagged one gets the localised twin (re-screened for the
+        known triggers) and is repaired by `profile_ids`. Returns (verdicts, per prompt the
+        detection record or None). Raises DetectionError for a flagged prompt it cannot localise."""
+        todo = [i for i, s in enumerate(screened) if not s.triggered]
+        scores = self.scores([prompts[i] for i in todo])
+        out, records = list(screened), [None] * len(prompts)
+        for i, score in zip(todo, scores):
+            if score <= 1:
+                records[i] = {"score": float(score)}
+                continue
+            loc = self.localise(prompts[i], score)
+            if not loc.found:
+                raise DetectionError(
+                    f"prompt {prompts[i]!r} looks triggered to the detector (score {score:.2f}, above 1) but no part "
+                    f"of it could be localised as the trigger: refused rather than generated undefended")
+            (again,) = screen_prompts(matchers, [loc.clean_prompt]) if matchers else (None,)
+            if again is not None and again.triggered:
+                raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "
+                                     f"{loc.clean_prompt!r}; refused")
+            out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, profile_ids)
+            records[i] = loc.to_dict()
+        return out, records
+
+    def __repr__(self) -> str:
+        return (f"TriggerDetector(components={self.meta['components']}, quantile={self.meta['quantile']}, "
+                f"t_frac={self.meta['t_frac']}, calibrated on {self.meta['num_prompts']} prompts)")
+
+
+def _features(probes: list[OneStep], prompts: list[str], progress: bool, desc: str) -> torch.Tensor:
+    """d(p) = x0_suspect(p) - x0_base(p), flattened, float64."""
+    out = []
+    step = 256
+    for i in tqdm(range(0, len(prompts), step), desc=desc, disable=not progress, leave=False):
+        chunk = prompts[i:i + step]
+        a, b = (p.x0(chunk) for p in probes)
+        out.append((a - b).flatten(1).double())
+    return torch.cat(out)
