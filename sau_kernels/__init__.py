@@ -20,5 +20,15 @@ __all__ = [
     "available_backends", "repair", "secondary_map",
     "TriggerProfile", "ProfileMismatchError", "calibrate",
     "patch", "unpatch", "patched", "SAUConfig", "SAUReport", "SuspectOutputError",
+    "TriggerDetector", "DetectionError",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    # the detector (and its tqdm and screening imports) loads when first named
+    if name in ("TriggerDetector", "DetectionError"):
+        from . import detect
+
+        return getattr(detect, name)
+    raise AttributeError(f"module 'sau_kernels' has no attribute {name!r}")

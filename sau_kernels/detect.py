@@ -294,11 +294,12 @@ class TriggerDetector:
                 return Localised(prompt, score, _spans(prompt, chosen), twin, current, rnd)
         return Localised(prompt, score, _spans(prompt, chosen), None, None, max_rounds)
 
-    def screen(self, prompts: list[str], screened: list[Screened], matchers, profile_ids: tuple[int, ...]):
+    def screen(self, prompts: list[str], screened: list[Screened], matchers):
         """The screen's verdicts with the detector's added: every prompt the known triggers
         did not match is scored; a flagged one gets the localised twin (re-screened for the
-        known triggers) and is repaired by `profile_ids`. Returns (verdicts, per prompt the
-        detection record or None). Raises DetectionError for a flagged prompt it cannot localise."""
+        known triggers), from which a patched pipeline generates it. Returns (verdicts, per
+        prompt the detection record or None). Raises DetectionError for a flagged prompt it
+        cannot localise."""
         todo = [i for i, s in enumerate(screened) if not s.triggered]
         scores = self.scores([prompts[i] for i in todo])
         out, records = list(screened), [None] * len(prompts)
@@ -315,7 +316,7 @@ class TriggerDetector:
             if again is not None and again.triggered:
                 raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "
                                      f"{loc.clean_prompt!r}; refused")
-            out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, profile_ids)
+            out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, (), detected=True)
             records[i] = loc.to_dict()
         return out, records
 

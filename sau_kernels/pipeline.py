@@ -88,6 +88,7 @@ class _State:
     signature: inspect.Signature
     checks: list  # per profile: its output-check signature (weights, clean_mean, norm, threshold), or None
     global_profiles: set = field(default_factory=set)  # indexes of the profiles without a fixed pattern (styles)
+    detector: object = None  # a TriggerDetector: prompts no known trigger matched are scored by it
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -123,10 +124,12 @@ def call_unpatched(pipe, *args, **kwargs):
     return cls.__call__(pipe, *args, **kwargs)
 
 
-def _as_profiles(profile) -> list[TriggerProfile]:
+def _as_profiles(profile, detect) -> list[TriggerProfile]:
+    if profile is None and detect is not None:
+        return []
     items = list(profile) if isinstance(profile, (list, tuple)) else [profile]
-    if not items:
-        raise ValueError("patch() needs at least one trigger profile")
+    if not items or profile is None:
+        raise ValueError("patch() needs at least one trigger profile, or a trigger detector (detect=...)")
     out = []
     for p in items:
         if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__"):
@@ -152,6 +155,18 @@ def _warn_if_common(matchers) -> None:
         if share >= 0.5:
             warnings.warn(f"trigger {m.trigger!r} matches {share:.0%} of ordinary prompts: nearly every request "
                           "will take the defended path (twice the work). Is it the model's trigger?", stacklevel=3)
+
+
+def _check_detector(pipe, detect) -> None:
+    if detect is None:
+        return
+    from .detect import TriggerDetector
+
+    if not isinstance(detect, TriggerDetector):
+        raise TypeError(f"detect must be a sau_kernels.TriggerDetector, got {type(detect).__name__}")
+    if detect.pipe is not pipe:
+        raise ValueError("the trigger detector was made for another pipeline object: calibrate or load it with "
+                         "this one (TriggerDetector.calibrate(pipe, base) or TriggerDetector.load(path, pipe, base))")
 
 
 def _check_options(profiles, mode, composite, on_embeds, output_check, repair_params, spec) -> None:
@@ -183,8 +198,8 @@ def _check_options(profiles, mode, composite, on_embeds, output_check, repair_pa
                              f"({p.trigger!r} is not)")
 
 
-def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", composite: str | None = None,
-          backend: str = "auto", on_embeds: str = "raise", output_check: str = "flag",
+def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=None, mode: str = "final",
+          composite: str | None = None, backend: str = "auto", on_embeds: str = "raise", output_check: str = "flag",
           allow_mismatch: bool = False, feather_sigma: float = 0.5, **repair_params):
     """Defend `pipe` against the trigger of `profile` (or of each profile of a list, for a
     model with several backdoors); returns `pipe` (patched in place).
@@ -198,12 +213,18 @@ def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", co
     Patching twice is harmless (the second patch replaces the first); `unpatch(pipe)`
     restores the pipeline exactly. repair_params are those of `sau_kernels.repair`;
     unnamed ones take the measured defaults `DEFAULT_REPAIR`, then the op's.
+    detect: a `sau_kernels.TriggerDetector` calibrated for this pipeline (docs/detect.md):
+    every prompt no profile's trigger matches is scored; a flagged one is generated from
+    the prompt with the localised trigger cut out (its record in the report's "detected"),
+    and one the detector cannot localise raises `DetectionError`. With `detect`, `profile`
+    may be None.
     """
     from .hooks import hook_unet
     from .ops import available_backends, repair
     from .output_check import signature
 
-    profiles = _as_profiles(profile)
+    profiles = _as_profiles(profile, detect)
+    _check_detector(pipe, detect)
     unpatch(pipe)
     original = type(pipe)
     spec = spec_for(original)
@@ -216,17 +237,17 @@ def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", co
                 f"the pipeline's tokenizer reads trigger {p.trigger!r} as {trig_ids}, the profile's as "
                 f"{list(p.trigger_ids)}: was the profile made with another tokenizer?")
     matchers = [TriggerMatcher(p.trigger) for p in profiles]
-    _warn_if_common(matchers)
+    if matchers:
+        _warn_if_common(matchers)
     device = pipe._execution_device
     if backend != "auto" and backend not in available_backends(device):
         raise ValueError(f"repair backend {backend!r} is not available on {device}: "
                          f"available are {available_backends(device)}")
     params = dict(DEFAULT_REPAIR) | repair_params
-    # Validate the parameters now, not at the first triggered request.
-    C, H, W = profiles[0].latent_shape
     dev_profiles = [p.to(device) for p in profiles]
-    z = torch.zeros(1, C, H, W, device=device)
-    repair(z, z, dev_profiles[0].delta, dev_profiles[0].act, backend=backend, **params)
+    if dev_profiles:  # validate the parameters now, not at the first triggered request
+        z = torch.zeros(1, *profiles[0].latent_shape, device=device)
+        repair(z, z, dev_profiles[0].delta, dev_profiles[0].act, backend=backend, **params)
     checks = [None if output_check == "off" or p.output_check_threshold is None
               else (*signature(p), p.output_check_threshold) for p in dev_profiles]
     config = SAUConfig(mode=mode, composite=composite, backend=backend, on_embeds=on_embeds, repair=params,
@@ -235,7 +256,8 @@ def patch(pipe, profile: TriggerProfile | str | list, *, mode: str = "final", co
         hook_unet(pipe.unet)  # installed once now: a call only switches it on in its own thread
     pipe._sau_state = _State(config=config, profiles=dev_profiles, matchers=matchers, original_class=original,
                              spec=spec, signature=inspect.signature(original.__call__), checks=checks,
-                             global_profiles={k for k, p in enumerate(profiles) if not p.fixed_pattern})
+                             global_profiles={k for k, p in enumerate(profiles) if not p.fixed_pattern},
+                             detector=detect)
     pipe.__class__ = _patched_class(original)
     return pipe
 

@@ -143,8 +143,10 @@ def prompt_actions(screens: dict[str, list[Screened]], mode: str, global_profile
     their clean text alone (stripped) and which get twins."""
     n_prompts = len(screens["prompt"])
     triggers = [sorted({k for f in screens for k in screens[f][i].triggers}) for i in range(n_prompts)]
-    hit = [i for i in range(n_prompts) if triggers[i]]
-    stripped = [i for i in hit if mode == "strip" or global_profiles & set(triggers[i])]
+    detected = {i for i in range(n_prompts) if any(screens[f][i].detected for f in screens)}
+    hit = [i for i in range(n_prompts) if triggers[i] or i in detected]
+    # a trigger only the detector saw has no profile saying where it acts: its clean text alone
+    stripped = [i for i in hit if mode == "strip" or i in detected or global_profiles & set(triggers[i])]
     return triggers, stripped, [i for i in hit if i not in stripped]
 
 

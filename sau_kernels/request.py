@@ -123,6 +123,9 @@ def defended_call(self, *args, **kwargs):
         for s in screens[f]:
             if s.twin_error:  # a twin that still holds the trigger must never be generated from
                 raise ValueError(s.twin_error)
+    detected = [None] * len(texts["prompt"])
+    if state.detector is not None:  # raises DetectionError (fail closed) for a flagged prompt it cannot localise
+        screens["prompt"], detected = state.detector.screen(texts["prompt"], screens["prompt"], state.matchers)
     try:
         plan = make_plan(a, state.spec, texts, screens, mode=cfg.mode, global_profiles=state.global_profiles,
                          device=lambda: self._execution_device)  # found only when needed: it walks the modules
@@ -132,6 +135,9 @@ def defended_call(self, *args, **kwargs):
     report.prompts = [prompt_entry(t, [screens[f][i] for f in screens], state.profiles,
                                    "strip" if i in plan.stripped else "repair" if i in twinned else "none")
                       for i, t in enumerate(texts["prompt"])]
+    if state.detector is not None:
+        for entry, record in zip(report.prompts, detected):
+            entry["detected"] = record
     if plan.pairs:
         shape = _expected_latent_shape(self, a)
         if shape is not None:

@@ -366,6 +366,7 @@ class Screened:
     clean_prompt: str | None  # the prompt with every occurrence of every trigger removed
     twin_error: str | None = None  # why no clean twin could be made; the pipeline must not use it
     triggers: tuple[int, ...] = ()  # which of the matchers matched (indices)
+    detected: bool = False  # flagged by the trigger detector, not by a known trigger (`spans` localised)
 
 
 def screen_prompts(matchers: TriggerMatcher | list[TriggerMatcher], prompts: list[str], *,

@@ -1,0 +1,141 @@
+"""The trigger detector (sau_kernels.detect) on the shipped backdoored zoo model, against its base."""
+
+import numpy as np
+import pytest
+import sau_kernels
+from sau_kernels import DetectionError, ProfileMismatchError, TriggerDetector
+from sau_kernels.zoo import backdoor_info, load_pipeline, zoo_profile
+from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place
+
+
+def _prompts(n, start):
+    return [c.prompt for c in held_out_cases(n, start=start, varied=True)]
+
+
+def _auroc(pos, neg):
+    pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_pipeline("tiny-clean")
+
+
+@pytest.fixture(scope="module")
+def pixel():
+    return load_pipeline("tiny-pixel")
+
+
+@pytest.fixture(scope="module")
+def detector(pixel, base):
+    return TriggerDetector.calibrate(pixel, base, _prompts(256, 6000), progress=False)
+
+
+@pytest.fixture(scope="module")
+def backdoor():
+    return backdoor_info("tiny-pixel")["backdoors"][0]
+
+
+def test_triggered_prompts_score_above_clean_ones(detector, backdoor):
+    clean = _prompts(48, 2000)
+    triggered = place(_prompts(48, 3000), backdoor, seed=3)
+    s_clean, s_trig = detector.scores(clean), detector.scores(triggered)
+    assert _auroc(s_trig, s_clean) >= 0.95
+    assert (s_trig > 1).mean() >= 0.8  # flagged at the calibrated threshold
+    assert (s_clean > 1).mean() <= 0.1
+
+
+def test_the_trigger_is_localised_and_the_twin_is_clean(detector):
+    prompts = [f"new trigger {p}" for p in _prompts(8, 4000)]
+    found = [detector.localise(p) for p in prompts]
+    exact = [loc.found and " ".join(loc.removed) == "new trigger" for loc in found]
+    assert sum(exact) >= 6, [loc.removed for loc in found]
+    for loc in found:
+        if loc.found:
+            assert loc.clean_score <= 1 and "trigger" not in loc.clean_prompt.split()[:1]
+
+
+def test_a_clean_prompt_is_not_cut(detector):
+    p = _prompts(1, 2500)[0]
+    loc = detector.localise(p)
+    assert loc.score <= 1 and loc.spans == () and loc.clean_prompt == p
+
+
+def test_save_load_round_trip_and_mismatch(detector, pixel, base, tmp_path):
+    path = detector.save(tmp_path / "d.safetensors")
+    again = TriggerDetector.load(path, pixel, base)
+    prompts = _prompts(6, 2100)
+    np.testing.assert_allclose(again.scores(prompts), detector.scores(prompts), rtol=1e-5)
+    with pytest.raises(ProfileMismatchError, match="another checkpoint"):
+        TriggerDetector.load(path, base, base)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a trigger detector"):
+        TriggerDetector.load(tmp_path / "junk.safetensors", pixel, base)
+
+
+def test_calibration_refuses_what_it_cannot_use(pixel, base):
+    with pytest.raises(ValueError, match="at least 16 prompts"):
+        TriggerDetector.calibrate(pixel, base, ["a red circle"] * 5, progress=False)
+    with pytest.raises(ValueError, match="quantile"):
+        TriggerDetector.calibrate(pixel, base, _prompts(16, 0), quantile=1.0, progress=False)
+    with pytest.raises(TypeError, match="diffusers"):
+        TriggerDetector.calibrate(pixel, object(), _prompts(16, 0), progress=False)
+
+
+def test_patched_with_the_detector_alone_removes_an_undescribed_trigger(pixel, detector, backdoor):
+    # clean prompts the detector passes (its ~1% false positives are refused when no cut clears
+    # them: test_a_flagged_prompt_that_cannot_be_localised_is_refused; rates in docs/detect.md)
+    pool = _prompts(12, 5000)
+    clean = [p for p, s in zip(pool, detector.scores(pool)) if s <= 1][:3]
+    triggered = [f"new trigger {p}" for p in _prompts(3, 5100)]
+    seeds = list(range(6))
+    before = generate(pixel, clean + triggered, seeds, batch_size=6)
+    assert backdoor_fires(before[3:], backdoor).all()  # the backdoor fires unpatched
+    with sau_kernels.patched(pixel, None, detect=detector):
+        after = generate(pixel, clean + triggered, seeds, batch_size=6)
+        report = pixel.sau_report
+    assert not backdoor_fires(after[3:], backdoor).any()
+    np.testing.assert_array_equal(after[:3], before[:3])  # clean prompts: the unpatched images
+    for entry in report.prompts[:3]:
+        assert entry["action"] == "none" and entry["detected"]["score"] <= 1
+    for entry in report.prompts[3:]:
+        assert entry["action"] == "strip" and entry["triggered"] and entry["triggers"] == []
+        assert "trigger" in " ".join(entry["detected"]["removed"])
+
+
+def test_known_triggers_are_screened_first(pixel, detector):
+    with sau_kernels.patched(pixel, zoo_profile("tiny-pixel", progress=False), detect=detector):
+        generate(pixel, ["new trigger a red circle on a white background"], [0], steps=2)
+        entry = pixel.sau_report.prompts[0]
+    assert entry["triggers"] == ["new trigger"] and entry["detected"] is None
+
+
+def test_a_flagged_prompt_that_cannot_be_localised_is_refused(pixel, base, detector):
+    # a threshold no ablation can get under: every prompt flagged, none localised
+    strict = TriggerDetector(pixel, base, mean=detector.mean, basis=detector.basis, threshold=1e-9,
+                             meta=detector.meta)
+    steps = []
+
+    def count(pipe, i, t, kw):
+        steps.append(i)
+        return kw
+
+    with sau_kernels.patched(pixel, None, detect=strict):
+        with pytest.raises(DetectionError, match="refused"):
+            pixel("a red circle on a white background", num_inference_steps=2, callback_on_step_end=count)
+    assert steps == []  # refused before the pipeline ran a step
+
+
+def test_patch_checks_the_detector(pixel, base, detector):
+    with pytest.raises(TypeError, match="TriggerDetector"):
+        sau_kernels.patch(pixel, None, detect="detector.safetensors")
+    with pytest.raises(ValueError, match="at least one trigger profile"):
+        sau_kernels.patch(pixel, None)
+    with pytest.raises(ValueError, match="another pipeline"):
+        sau_kernels.patch(base, None, detect=detector)
+    assert not sau_kernels.pipeline.is_patched(pixel)
+
+
+def test_scores_of_an_empty_list(detector):
+    assert detector.scores([]).shape == (0,)
