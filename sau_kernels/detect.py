@@ -171,6 +171,11 @@ def _check_pair(pipe, base) -> None:
     for name, m in (("pipe", pipe), ("base", base)):
         if not all(hasattr(m, a) for a in ("unet", "scheduler", "encode_prompt")):
             raise TypeError(f"{name} must be a diffusers Stable Diffusion pipeline, got {type(m).__name__}")
+        cfg = m.unet.config
+        if cfg.in_channels != cfg.out_channels or getattr(cfg, "addition_embed_type", None) == "text_time":
+            raise ValueError(f"{name}'s UNet takes more than the latent (in_channels {cfg.in_channels}, "
+                             f"added conditioning {getattr(cfg, 'addition_embed_type', None)!r}): the detector probes "
+                             "SD 1.x/2.x UNets (text-to-image, image-to-image), not inpainting or SDXL ones")
     keys = ("in_channels", "sample_size", "cross_attention_dim")
     a, b = ({k: getattr(m.unet.config, k, None) for k in keys} for m in (pipe, base))
     if a != b:

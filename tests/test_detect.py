@@ -139,3 +139,12 @@ def test_patch_checks_the_detector(pixel, base, detector):
 
 def test_scores_of_an_empty_list(detector):
     assert detector.scores([]).shape == (0,)
+
+
+def test_a_unet_that_takes_more_than_the_latent_is_refused(base):
+    from types import SimpleNamespace
+
+    inpaint = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=9, out_channels=4)),
+                              scheduler=base.scheduler, encode_prompt=base.encode_prompt)
+    with pytest.raises(ValueError, match="not inpainting or SDXL"):
+        TriggerDetector.calibrate(inpaint, base, _prompts(16, 0), progress=False)
