@@ -48,6 +48,9 @@ COMPONENTS = 32
 QUANTILE = 0.99
 FOLDS = 4
 MAX_ROUNDS = 4
+# A flagged prompt with more units than this is not localised (refused): each round scores
+# every unit, and a prompt of thousands of homoglyphs would make that a denial of service.
+MAX_UNITS = 256
 # A word next to the best cut joins it when its own cut lowers the score by this share of
 # the best cut's drop. Chosen on 12 prompts of tiny-pixel and tiny-random-style (a second
 # trigger word drops it by 0.37-0.6 of the first, content words by 0.0-0.33).
@@ -284,6 +287,8 @@ class TriggerDetector:
         if score <= 1:
             return Localised(prompt, score, (), prompt, score, 0)
         units, chosen, current = prompt_units(prompt), [], score
+        if len(units) > MAX_UNITS:
+            return Localised(prompt, score, (), None, None, 0)
         for rnd in range(1, max_rounds + 1):
             rest = [u for u in units if u not in chosen]
             if not rest:

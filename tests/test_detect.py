@@ -148,3 +148,11 @@ def test_a_unet_that_takes_more_than_the_latent_is_refused(base):
                               scheduler=base.scheduler, encode_prompt=base.encode_prompt)
     with pytest.raises(ValueError, match="not inpainting or SDXL"):
         TriggerDetector.calibrate(inpaint, base, _prompts(16, 0), progress=False)
+
+
+def test_a_flagged_prompt_too_long_to_localise_is_not_localised(detector):
+    from sau_kernels.detect import MAX_UNITS
+
+    prompt = "new trigger " + " ".join(["red"] * MAX_UNITS)
+    loc = detector.localise(prompt, score=5.0)
+    assert not loc.found and loc.rounds == 0
