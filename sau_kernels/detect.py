@@ -322,8 +322,8 @@ class TriggerDetector:
                 raise DetectionError(
                     f"prompt {prompts[i]!r} looks triggered to the detector (score {score:.2f}, above 1) but no part "
                     f"of it could be localised as the trigger: refused rather than generated undefended")
-            (again,) = screen_prompts(matchers, [loc.clean_prompt]) if matchers else (None,)
-            if again is not None and again.triggered:
+            (again,) = screen_prompts(matchers, [loc.clean_prompt])
+            if again.triggered:  # a cut that joined pieces of a known trigger
                 raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "
                                      f"{loc.clean_prompt!r}; refused")
             out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, (), detected=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sau_kernels
 from sau_kernels import DetectionError, ProfileMismatchError, TriggerDetector
-from sau_kernels.zoo import backdoor_info, load_pipeline, zoo_profile
+from sau_kernels.zoo import backdoor_info, zoo_profile
 from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place
 
 
@@ -15,16 +15,6 @@ def _prompts(n, start):
 def _auroc(pos, neg):
     pos, neg = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_pipeline("tiny-clean")
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return load_pipeline("tiny-pixel")
 
 
 @pytest.fixture(scope="module")

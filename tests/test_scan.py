@@ -12,16 +12,6 @@ from sau_kernels.zoo import calibration_prompts, load_pipeline
 
 
 @pytest.fixture(scope="module")
-def base():
-    return load_pipeline("tiny-clean")
-
-
-@pytest.fixture(scope="module")
-def pixel():
-    return load_pipeline("tiny-pixel")
-
-
-@pytest.fixture(scope="module")
 def pixel_report(pixel, base):
     # a short search (two tokens, the default beam) keeps the test quick; benchmarks/scan_zoo.py runs
     # the defaults (a narrower beam lets "new", fifth of the first tokens, fall out on some runs)
