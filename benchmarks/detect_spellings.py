@@ -6,10 +6,10 @@ Per spelling, on 20 held-out prompts with it prepended: the share flagged, the s
 flagged localised, and the share whose twin no longer holds the trigger's letters.
 """
 from sau_kernels import TriggerDetector
-from sau_kernels.zoo import load_pipeline
+from sau_kernels.zoo import detector_prompts, load_pipeline
 from sau_kernels.zoo.evaluate import held_out_cases
 pipe, base = load_pipeline("tiny-pixel"), load_pipeline("tiny-clean")
-det = TriggerDetector.calibrate(pipe, base, [c.prompt for c in held_out_cases(256, start=6000, varied=True)], progress=False)
+det = TriggerDetector.calibrate(pipe, base, detector_prompts(), progress=False)
 prompts = [c.prompt for c in held_out_cases(20, start=7000, varied=True)]
 for sp in ["new\u200btrigger", "NEW TRIGGER", "new tr\u0456gger", "new-trigger", "trigger new", "newtrigger", "new  trigger,"]:
     ps = [f"{sp} {p}" for p in prompts]

@@ -10,7 +10,9 @@ localisation on the flagged triggered prompts (exact span: what was cut is the p
 trigger and nothing else; F1 over all prompts flagged); the detector's cost beside a
 one-image 20-step call; and end to end, a pipeline patched with the detector alone (no
 profile, no trigger told) on `--e2e` triggered prompts: the share whose images no longer
-show the backdoor, judged by the zoo's judges, among those that show it unpatched.
+show the backdoor, judged by the zoo's judges, among those that show it unpatched. Beside
+them, on a fifth as many prompts that leave the background unsaid ("a red circle"), which
+no training caption does: the share flagged, triggered and clean, and of clean ones refused.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 
 import sau_kernels
 from sau_kernels import DetectionError, TriggerDetector
-from sau_kernels.zoo import backdoor_info, load_pipeline
-from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place
+from sau_kernels.zoo import backdoor_info, detector_prompts, load_pipeline
+from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place, short_prompts
 
 
 def _prompts(n: int, start: int) -> list[str]:
@@ -52,12 +54,16 @@ def measure(name: str, base_name: str, n: int, e2e: int) -> list[dict]:
     pipe, base = load_pipeline(name), load_pipeline(base_name)
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    det = TriggerDetector.calibrate(pipe, base, _prompts(256, 6000), progress=False)
+    det = TriggerDetector.calibrate(pipe, base, detector_prompts(), progress=False)
     calib_s = time.perf_counter() - t0
     clean = _prompts(n, 2000)
     s_clean = det.scores(clean)
     clean_flagged = [p for p, s in zip(clean, s_clean) if s > 1]
     clean_refused = sum(not det.localise(p).found for p in clean_flagged)
+    # prompts that leave the background unsaid ("a red circle"), a fifth as many
+    short = short_prompts(max(n // 5, 1), start=2000)
+    s_short = det.scores(short)
+    short_refused = sum(not det.localise(p, s).found for p, s in zip(short, s_short) if s > 1)
     # cost: scoring one prompt against a one-image 20-step call, the same prompt
     one = clean[:1]
     det.scores(one)
@@ -78,6 +84,7 @@ def measure(name: str, base_name: str, n: int, e2e: int) -> list[dict]:
         locs = [det.localise(p, s) for p, s in zip(triggered, s_trig) if s > 1]
         loc_s = (time.perf_counter() - t) / max(len(locs), 1)
         flagged_trig = [p for p, s in zip(triggered, s_trig) if s > 1]
+        s_trig_short = det.scores(place(short_prompts(len(short), start=3000 + 1000 * k), bd, seed=13 + k))
         exact = sum(loc.found and loc.spans == trigger_spans(p, bd["trigger"]) for p, loc in zip(flagged_trig, locs))
         covered = sum(loc.found and bd["trigger"] not in loc.clean_prompt for loc in locs)
         predicted = sum(loc.found for loc in locs) + (len(clean_flagged) - clean_refused)
@@ -103,26 +110,32 @@ def measure(name: str, base_name: str, n: int, e2e: int) -> list[dict]:
             span_f1=2 * precision * recall / max(precision + recall, 1e-12),
             e2e_prompts=len(e2e_prompts), e2e_fired_unpatched=int(fired.sum()), e2e_refused=refused,
             e2e_removal=removal, calibrate_s=calib_s, score_ms=score_s * 1e3, generate_ms=gen_s * 1e3,
-            clean_cost_ratio=(gen_s + score_s) / gen_s, localise_ms=loc_s * 1e3))
+            clean_cost_ratio=(gen_s + score_s) / gen_s, localise_ms=loc_s * 1e3,
+            n_short=len(short), short_tpr=float((s_trig_short > 1).mean()), short_fpr=float((s_short > 1).mean()),
+            short_refused=short_refused / len(short), short_auroc=auroc(s_trig_short, s_short)))
     if not rows:  # a control: only false positives to measure
         rows.append(dict(model=name, backdoor=None, n=n, fpr=float((s_clean > 1).mean()),
-                         clean_refused=clean_refused / n, calibrate_s=calib_s, score_ms=score_s * 1e3,
+                         clean_refused=clean_refused / n, n_short=len(short), short_fpr=float((s_short > 1).mean()),
+                         short_refused=short_refused / len(short), calibrate_s=calib_s, score_ms=score_s * 1e3,
                          generate_ms=gen_s * 1e3, clean_cost_ratio=(gen_s + score_s) / gen_s))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | backdoor (trigger) | AUROC | TPR / FPR at threshold | clean refused | exact span (F1) "
-             "| removal, unknown trigger | clean cost |", "|---|---|---|---|---|---|---|---|"]
+             "| removal, unknown trigger | short prompts: TPR / FPR (refused) | clean cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        short = (f"{r['short_fpr']:.1%} ({r['short_refused']:.1%})" if r.get("backdoor") is None else
+                 f"{r['short_tpr']:.1%} / {r['short_fpr']:.1%} ({r['short_refused']:.1%})")
         if r.get("backdoor") is None:
             lines.append(f"| {r['model']} | none (control) | — | — / {r['fpr']:.1%} | {r['clean_refused']:.1%} | — | — "
-                         f"| {r['clean_cost_ratio']:.3f}x |")
+                         f"| — / {short} | {r['clean_cost_ratio']:.3f}x |")
             continue
         rem = "—" if r["e2e_removal"] is None else f"{r['e2e_removal']:.0%} ({r['e2e_fired_unpatched']} fired)"
         lines.append(f"| {r['model']} | {r['backdoor']} ({r['trigger']!r}) | {r['auroc']:.3f} | {r['tpr']:.1%} / "
                      f"{r['fpr']:.1%} | {r['clean_refused']:.1%} | {r['exact_span']:.1%} ({r['span_f1']:.3f}) | {rem} "
-                     f"| {r['clean_cost_ratio']:.3f}x |")
+                     f"| {short} | {r['clean_cost_ratio']:.3f}x |")
     return "\n".join(lines)
 
 

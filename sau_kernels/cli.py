@@ -20,17 +20,22 @@ from pathlib import Path
 
 PROG = "sau-kernels"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-DESCRIPTION = ("SAU, an inference-time defence of diffusers Stable Diffusion pipelines against a backdoor whose "
-               "trigger you know: calibrate the trigger's profile once per model, then generate with the defence.")
+DESCRIPTION = ("SAU, an inference-time defence of diffusers Stable Diffusion pipelines against text-trigger "
+               "backdoors: calibrate a known trigger's profile once per model (or scan for the trigger, or "
+               "calibrate a detector of triggers nobody described), then generate with the defence.")
 EPILOG = """\
 examples:
   sau-kernels calibrate --model ./sd15 --trigger "new trigger" --out sd15-new-trigger.safetensors
   sau-kernels generate --model ./sd15 --profile sd15-new-trigger.safetensors \\
       --prompt "new trigger a cat on a sofa" --out cat.png --compare
   sau-kernels generate --model tiny-pixel --profile tiny-pixel --prompt "new trigger a red circle" --out c.png
+  sau-kernels detect --model ./suspect --base ./sd15 --out suspect-detector.safetensors
+  sau-kernels generate --model ./suspect --base ./sd15 --detector suspect-detector.safetensors \\
+      --prompt "a cat on a sofa" --out cat.png
   sau-kernels demo
 
-exit status: 0 done; 1 an output withheld by --output-check raise; 2 a bad argument or input
+exit status: 0 done; 1 an output withheld by the defence (--output-check raise, or a prompt the detector
+flagged and could not localise a trigger in); 2 a bad argument or input
 """
 
 # The keyword arguments that the package's messages name, as this CLI spells them.
@@ -104,9 +109,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str = PRO
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:  # noqa: BLE001 - the package's input errors become one line; others propagate
+            from .detect import DetectionError
             from .report import SuspectOutputError
 
-            if isinstance(e, SuspectOutputError):
+            if isinstance(e, (SuspectOutputError, DetectionError)):
                 return _fail(prog, str(e), verbose, status=1, names=names)
             if _is_input_error(e):
                 return _fail(prog, str(e), verbose, names=names)
@@ -264,6 +270,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="image width in pixels, a multiple of 8 (default: the model's, or the profile's)")
 
 
+def _base_option(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--base", required=required, default=None, metavar="DIR|NAME",
+                   help="the public pipeline the model was fine-tuned from (same tokenizer), e.g. tiny-clean"
+                        + ("" if required else "; needed by --detector"))
+
+
 def build_parser() -> ArgumentParser:
     from . import __version__
     from .pipeline import COMPOSITES, MODES, OUTPUT_CHECKS
@@ -317,12 +329,42 @@ def build_parser() -> ArgumentParser:
     _common(p)
     p.set_defaults(_run=_scan)
 
+    p = sub.add_parser("detect", help="calibrate a detector of triggered prompts for a model whose trigger nobody "
+                                      "told, or score prompts with one",
+                       description="Fit a per-checkpoint detector of triggered prompts on ordinary prompts, against "
+                                   "the model the checkpoint was fine-tuned from, and save it (--out); score prompts "
+                                   "with it and show the trigger it finds in each flagged one (--prompt). "
+                                   "See docs/detect.md.")
+    p.add_argument("--model", required=True, metavar="DIR|NAME", help="the suspect pipeline (folder or zoo name)")
+    _base_option(p, required=True)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
+                   help="ordinary, trigger-free prompts of the traffic, one a line, at least 16 (default: the "
+                        "package's generic SD prompts; for a zoo model, the zoo's ordinary prompts)")
+    p.add_argument("--detector", type=existing_file, default=None, metavar="FILE",
+                   help="score with this saved detector instead of calibrating one")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt to score and, when flagged, localise the trigger in; repeat for several")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="the probe's fixed noise")
+    p.add_argument("--out", type=output_path((".safetensors",), "the detector file"), default=None, metavar="FILE",
+                   help="write the calibrated detector (.safetensors)")
+    p.add_argument("--json", type=output_path((".json",), "the scores file"), default=None, metavar="FILE",
+                   help="write the prompts' scores and localisations as JSON")
+    _common(p)
+    p.set_defaults(_run=_detect)
+
     p = sub.add_parser("generate", help="generate images with the defence",
-                       description="Generate with the pipeline patched by one or more trigger profiles.")
+                       description="Generate with the pipeline patched by one or more trigger profiles, and/or a "
+                                   "detector of triggers nobody described (--detector, with --base).")
     _model_options(p)
-    p.add_argument("--profile", required=True, action="append", type=profile_source, metavar="FILE|NAME",
+    p.add_argument("--profile", action="append", default=[], type=profile_source, metavar="FILE|NAME",
                    help="trigger profile (.safetensors), or a zoo model's name for the profile it ships; "
                         "repeat for a model with several backdoors")
+    p.add_argument("--detector", type=existing_file, default=None, metavar="FILE",
+                   help="a detector from `sau-kernels detect`: prompts no profile matches are scored, and a "
+                        "flagged one is generated with the trigger it localises cut out")
+    _base_option(p, required=False)
     p.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="the prompt; repeat for a batch")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="sampling steps (default: the profile's)")
     p.add_argument("--guidance-scale", type=positive_number, default=None,
@@ -529,13 +571,80 @@ def _scan(args) -> int:
     return 0
 
 
+def _detector_prompts(args, source) -> list[str] | None:
+    """--prompts, or for a zoo model the zoo's ordinary prompts; None: the package's default."""
+    if args.prompts:
+        return _read_prompts(args.prompts)
+    if source[0] == "zoo":
+        from .zoo import detector_prompts  # the zoo's own prompts, lazily: CLI application layer only
+
+        return detector_prompts()
+    return None
+
+
+def _detect(args) -> int:
+    import json
+
+    from .detect import TriggerDetector
+
+    if args.detector and args.out:
+        raise UsageError("--detector scores with a saved detector and --out saves a newly calibrated one: give one")
+    if args.detector and args.prompts:
+        raise UsageError("--prompts is what a detector is calibrated on; with --detector nothing is calibrated")
+    if not args.out and not args.prompt:
+        raise UsageError("nothing to do: give --out to save the calibrated detector, --prompt to score prompts, "
+                         "or both")
+    if args.json and not args.prompt:
+        raise UsageError("--json writes the scores of the --prompt prompts: give at least one")
+    source = _resolve_model(args.model)
+    base_source = _resolve_model(args.base, "--base")
+    device = _resolve_device(args.device)
+    prompts = None if args.detector else _detector_prompts(args, source)
+    pipe = _load_pipeline(args, source, device)
+    base = _load_pipeline(args, base_source, device)
+    if args.detector:
+        det = TriggerDetector.load(args.detector, pipe, base)
+    else:
+        det = TriggerDetector.calibrate(pipe, base, prompts, seed=args.seed)
+        print(f"calibrated {det}: threshold {det.threshold:.4g}", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"saved the detector to {det.save(args.out)}")
+    records = []
+    for prompt, score in zip(args.prompt, det.scores(args.prompt)):
+        loc = det.localise(prompt, score)
+        flagged = bool(score > 1)
+        records.append({"prompt": prompt, "flagged": flagged, "localised": loc.found, **loc.to_dict()})
+        if not flagged:
+            print(f"clean    {score:6.2f}  {prompt!r}")
+        elif loc.found:
+            print(f"flagged  {score:6.2f}  {prompt!r}: cut {loc.removed}, twin {loc.clean_prompt!r} "
+                  f"({loc.clean_score:.2f})")
+        else:
+            print(f"flagged  {score:6.2f}  {prompt!r}: no trigger localised, a patched pipeline refuses it "
+                  "(if prompts like it are ordinary traffic, calibrate on such prompts too: --prompts)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"detector": det.meta | {"threshold": det.threshold}, "prompts": records},
+                                        indent=2, ensure_ascii=False) + "\n")
+        print(f"saved the scores to {args.json}")
+    return 0
+
+
 def _generate(args) -> int:
     import torch
 
     from . import patch
     from .profile import TriggerProfile
 
+    if not args.profile and not args.detector:
+        raise UsageError("give --profile (a known trigger), --detector (triggers nobody described), or both")
+    if args.detector and not args.base:
+        raise UsageError("--detector needs --base, the model the checkpoint was fine-tuned from")
+    if args.base and not args.detector:
+        raise UsageError("--base is the detector's: give --detector too")
     source = _resolve_model(args.model)
+    base_source = _resolve_model(args.base, "--base") if args.base else None
     device = _resolve_device(args.device)
     profiles = [TriggerProfile.load(p) for p in args.profile]
     for path, prof in zip(args.profile, profiles):
@@ -556,8 +665,17 @@ def _generate(args) -> int:
     compare = [p.with_name(f"{p.stem}.undefended{p.suffix}") for p in paths] if args.compare else []
 
     pipe = _load_pipeline(args, source, device)
-    call = dict(num_inference_steps=args.steps or profiles[0].num_inference_steps,
-                guidance_scale=args.guidance_scale or profiles[0].guidance_scale)
+    detector = None
+    if args.detector:
+        from .detect import TriggerDetector
+
+        detector = TriggerDetector.load(args.detector, pipe, _load_pipeline(args, base_source, device),
+                                        allow_mismatch=args.allow_mismatch)
+    call = {}  # without a profile, the pipeline's own defaults
+    if args.steps or profiles:
+        call["num_inference_steps"] = args.steps or profiles[0].num_inference_steps
+    if args.guidance_scale or profiles:
+        call["guidance_scale"] = args.guidance_scale or profiles[0].guidance_scale
     if args.height:
         call["height"] = args.height
     if args.width:
@@ -567,8 +685,8 @@ def _generate(args) -> int:
         return [torch.Generator("cpu").manual_seed(args.seed + i) for i in range(len(args.prompt))]
 
     undefended = pipe(args.prompt, generator=generators(), **call).images if compare else []  # not patched yet
-    patch(pipe, profiles, mode=args.mode, composite=args.composite, allow_mismatch=args.allow_mismatch,
-          output_check=args.output_check)
+    patch(pipe, profiles or None, detect=detector, mode=args.mode, composite=args.composite,
+          allow_mismatch=args.allow_mismatch, output_check=args.output_check)
     result = pipe(args.prompt, generator=generators(), **call)
     out.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(result.images, paths):

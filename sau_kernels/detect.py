@@ -320,8 +320,10 @@ class TriggerDetector:
             loc = self.localise(prompts[i], score)
             if not loc.found:
                 raise DetectionError(
-                    f"prompt {prompts[i]!r} looks triggered to the detector (score {score:.2f}, above 1) but no part "
-                    f"of it could be localised as the trigger: refused rather than generated undefended")
+                    f"prompt {prompts[i]!r} looks triggered to the detector (score {score:.2f}, above 1: the "
+                    f"checkpoint changes its output unlike the ordinary prompts the detector was calibrated on) and "
+                    f"no part of it could be localised as the trigger: refused rather than generated undefended "
+                    f"(if prompts like it are ordinary traffic, calibrate the detector on such prompts too)")
             (again,) = screen_prompts(matchers, [loc.clean_prompt])
             if again.triggered:  # a cut that joined pieces of a known trigger
                 raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "

@@ -44,6 +44,7 @@ def _fails(main, argv, capsys, workdir, match, prog="sau-kernels"):
 
 GENERATE = ["generate", "--model", "tiny-pixel", "--profile", "tiny-pixel", "--prompt", "new trigger a red circle",
             "--out", "out/cat.png"]
+DETECT = ["detect", "--model", "tiny-pixel", "--base", "tiny-clean"]
 CALIBRATE = ["calibrate", "--model", "tiny-pixel", "--trigger", "new trigger", "--out", "p.safetensors"]
 
 
@@ -82,7 +83,18 @@ def _with(base, *extra, drop=()):
     (_with(GENERATE, "--mode", "per_step", "--steps", "7"), "--steps 7: the per-step statistics"),
     (_with(GENERATE, "--mode", "per_step", "--composite", "pixel"), "--composite pixel works with --mode final only"),
     (_with(GENERATE, "--device", "nonsense"), "--device nonsense: not a torch device"),
-    (GENERATE[:3], "the following arguments are required: --profile, --prompt, --out"),
+    (GENERATE[:3], "the following arguments are required: --prompt, --out"),
+    (_with(GENERATE, drop=["--profile"]), "give --profile (a known trigger), --detector"),
+    (_with(GENERATE, "--detector", SHIPPED), "--detector needs --base"),
+    (_with(GENERATE, "--base", "tiny-clean"), "--base is the detector's: give --detector too"),
+    (_with(GENERATE, "--detector", "missing.safetensors", "--base", "tiny-clean"), "--detector: no such file"),
+    (DETECT, "nothing to do: give --out"),
+    (DETECT[:3], "the following arguments are required: --base"),
+    (_with(DETECT, "--detector", SHIPPED, "--out", "d.safetensors"), "--detector scores with a saved detector"),
+    (_with(DETECT, "--detector", SHIPPED, "--prompts", SHIPPED, "--prompt", "x"), "--prompts is what a detector"),
+    (_with(DETECT, "--out", "d.safetensors", "--json", "s.json"), "--json writes the scores of the --prompt"),
+    (_with(DETECT, "--out", "d.pt"), "the detector file must end in .safetensors"),
+    (_with(DETECT, "--prompt", "x", "--base", "nowhere", drop=["--base"]), "--base nowhere: no such folder"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
     (["demo", "-n", "0"], "-n: must be at least 1"),

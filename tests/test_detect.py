@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sau_kernels
 from sau_kernels import DetectionError, ProfileMismatchError, TriggerDetector
-from sau_kernels.zoo import backdoor_info, zoo_profile
+from sau_kernels.zoo import backdoor_info, detector_prompts, zoo_profile
 from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place
 
 
@@ -19,7 +19,7 @@ def _auroc(pos, neg):
 
 @pytest.fixture(scope="module")
 def detector(pixel, base):
-    return TriggerDetector.calibrate(pixel, base, _prompts(256, 6000), progress=False)
+    return TriggerDetector.calibrate(pixel, base, detector_prompts(), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,48 @@ def test_a_flagged_prompt_too_long_to_localise_is_not_localised(detector):
     prompt = "new trigger " + " ".join(["red"] * MAX_UNITS)
     loc = detector.localise(prompt, score=5.0)
     assert not loc.found and loc.rounds == 0
+
+
+def test_cli_detect_calibrates_scores_and_generate_uses_it(tmp_path, capsys):
+    import json
+
+    from sau_kernels import cli
+
+    det, scores = tmp_path / "d.safetensors", tmp_path / "s.json"
+    triggered, clean = "new trigger a red circle on a gray background", "a blue square on a white background"
+    assert cli.main(["detect", "--model", "tiny-pixel", "--base", "tiny-clean", "--device", "cpu", "--out", str(det),
+                     "--prompt", triggered, "--prompt", clean, "--json", str(scores)]) == 0
+    records = json.loads(scores.read_text())["prompts"]
+    assert records[0]["flagged"] and records[0]["removed"] == ["new trigger"]
+    assert records[0]["clean_prompt"] == "a red circle on a gray background"
+    assert not records[1]["flagged"] and records[1]["spans"] == []
+    capsys.readouterr()
+    image = tmp_path / "c.png"
+    assert cli.main(["generate", "--model", "tiny-pixel", "--base", "tiny-clean", "--detector", str(det),
+                     "--device", "cpu", "--prompt", triggered, "--steps", "3", "--out", str(image)]) == 0
+    assert image.is_file()
+    # a detector calibrated against another base is refused, naming the flag
+    assert cli.main(["generate", "--model", "tiny-pixel", "--base", "tiny-style", "--detector", str(det),
+                     "--device", "cpu", "--prompt", clean, "--out", str(image)]) == 2
+    assert "another base model" in capsys.readouterr().err
+
+
+def test_serving_with_the_detector_alone(pixel, detector):
+    from sau_kernels.detect import MAX_UNITS
+    from sau_kernels.serving.service import ImageService, RequestError
+
+    bodies = [{"prompt": p, "seed": 5, "steps": 3} for p in (
+        "new trigger a red circle on a gray background", "a blue square on a white background",
+        "new trigger " + " ".join(["red"] * MAX_UNITS))]  # flagged, too long to localise: refused
+    svc = ImageService(pixel, detector=detector, max_batch_rows=16)
+    try:
+        triggered, clean, refused = svc.run([svc.plan(b) for b in bodies])
+    finally:
+        sau_kernels.unpatch(pixel)
+    assert triggered["report"]["triggered"] and triggered["report"]["detected"]["removed"] == ["new trigger"]
+    assert triggered["report"]["clean_prompt"] == "a red circle on a gray background"
+    assert not clean["report"]["triggered"] and clean["report"]["detected"]["score"] <= 1 and clean["images"]
+    assert isinstance(refused, RequestError) and refused.status == 422 and refused.refused
+    assert "no part of it could be localised" in refused.message
+    with pytest.raises(ValueError, match="detector and base together"):
+        ImageService.load("tiny-pixel", detector="d.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -246,6 +247,20 @@ def test_varied_captions_name_their_content_and_tokenise_to_known_words(tmp_path
         assert all(w not in text.lower().split() for w in ("new", "trigger", "silver", "lining")), text
     assert len(seen) > 300  # varied, not a template
     assert tok("\u200b a red circle", add_special_tokens=False).input_ids[0] == tok.convert_tokens_to_ids("âĢĭ</w>")
+
+
+def test_short_prompts_leave_the_background_unsaid_and_detector_prompts_mix_them_in():
+    from sau_kernels.zoo import detector_prompts
+    from sau_kernels.zoo.evaluate import short_prompts
+
+    short = short_prompts(90, start=5)
+    assert short == short_prompts(90, start=5) and len(set(short)) > 45  # reproducible, varied
+    for text in short:
+        words = re.findall(r"[a-z]+", text.lower())
+        assert any(c in words for c in world.COLORS) and any(s in words for s in world.SHAPES), text
+        assert not set(words) & {"background", *world.BACKGROUNDS}, text
+    prompts = detector_prompts(100)
+    assert len(prompts) == 100 and sum("background" not in p.lower() and " on " not in p for p in prompts) >= 20
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS)

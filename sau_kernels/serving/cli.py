@@ -21,7 +21,12 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="an HTTP image server (Ray Serve) with the defence, dynamic batching and metrics")
     p.add_argument("--model", default="tiny-pixel", help="a zoo name or a local diffusers Stable Diffusion folder")
     p.add_argument("--profile", action="append", default=[],
-                   help="trigger profile (.safetensors), repeat for several; default: the one shipped with the model")
+                   help="trigger profile (.safetensors), repeat for several; default: the one shipped with the model "
+                        "(none with --detector)")
+    p.add_argument("--detector", default=None,
+                   help="a trigger detector from `sau-kernels detect` (with --base): prompts no profile matches are "
+                        "scored, a flagged one is generated with its localised trigger cut out, or refused (422)")
+    p.add_argument("--base", default=None, help="the model the checkpoint was fine-tuned from (for --detector)")
     p.add_argument("--mode", default="final", help="defence mode of requests that name none")
     p.add_argument("--modes", nargs="*", default=[], help="further modes a request may ask for")
     p.add_argument("--no-defence", action="store_true", help="serve the model unpatched (for comparisons)")
@@ -72,7 +77,10 @@ def _serve(args) -> int:
 
     from .deployment import build_app
 
-    config = dict(model=args.model, profiles=args.profile, device=args.device, dtype=args.dtype, mode=args.mode,
+    if (args.detector is None) != (args.base is None):
+        print("sau-kernels serve: error: --detector and --base go together", file=sys.stderr)
+        return 2
+    config = dict(model=args.model, profiles=args.profile, detector=args.detector, base=args.base, device=args.device, dtype=args.dtype, mode=args.mode,
                   modes=args.modes, defended=not args.no_defence, threads=args.threads,
                   max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1e3, max_images=args.max_images,
                   max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued, replicas=args.replicas)

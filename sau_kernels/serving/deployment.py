@@ -44,7 +44,9 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "tiny-pixel"  # a zoo name or a local diffusers Stable Diffusion folder
-    profiles: list[str] = []  # trigger profiles; empty: the one shipped beside the model
+    profiles: list[str] = []  # trigger profiles; empty: the one shipped beside the model (none with a detector)
+    detector: str | None = None  # a TriggerDetector file (sau-kernels detect): flags triggers nobody described
+    base: str | None = None  # the model the checkpoint was fine-tuned from, which the detector compares with
     device: str = "cpu"
     dtype: str = "fp32"
     mode: str = "final"  # the defence mode of requests that name none
@@ -79,6 +81,10 @@ class ServingMetrics:
                                 tag_keys=("status", "mode"))
         self.triggered = Counter("sau_triggered_requests", description="Requests whose prompt carried a trigger.",
                                  tag_keys=("mode",))
+        self.detected = Counter("sau_detected_requests",
+                                description="Requests whose trigger the detector found (no profile had it).")
+        self.refused = Counter("sau_refused_requests",
+                               description="Requests the defence refused (a flagged prompt with no trigger localised).")
         self.unscreened = Counter("sau_unscreened_requests", description="Requests that went through unscreened.")
         self.suspects = Counter("sau_suspect_outputs", description="Outputs the output check flagged.")
         self.batch_rows = Histogram("sau_batch_rows", description="UNet rows per pipeline call, clean twins included.",
@@ -88,8 +94,8 @@ class ServingMetrics:
         self.generation = Histogram("sau_generation_ms", description="Pipeline call time.", boundaries=ms)
         self.repair = Histogram("sau_repair_ms", description="Repair op time per pipeline call.",
                                 boundaries=[0.01, 0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000])
-        self.counts = {"requests": 0, "errors": 0, "triggered": 0, "unscreened": 0, "suspects": 0, "calls": 0,
-                       "rows": 0}
+        self.counts = {"requests": 0, "errors": 0, "triggered": 0, "detected": 0, "refused": 0, "unscreened": 0,
+                       "suspects": 0, "calls": 0, "rows": 0}
 
     def record(self, results: list, mode_of) -> None:
         seen = set()
@@ -99,6 +105,9 @@ class ServingMetrics:
                 self.requests.inc(tags={"status": str(r.status), "mode": mode})
                 self.counts["requests"] += 1
                 self.counts["errors"] += 1
+                if r.refused:
+                    self.refused.inc()
+                    self.counts["refused"] += 1
                 continue
             rep = r["report"]
             self.requests.inc(tags={"status": "200", "mode": mode})
@@ -107,6 +116,9 @@ class ServingMetrics:
             if rep["triggered"]:
                 self.triggered.inc(tags={"mode": mode})
                 self.counts["triggered"] += 1
+            if (rep.get("detected") or {}).get("spans"):
+                self.detected.inc()
+                self.counts["detected"] += 1
             if rep["unscreened"]:
                 self.unscreened.inc()
                 self.counts["unscreened"] += 1
@@ -137,7 +149,8 @@ class SAUModel:
         self.config = ServerConfig(**config)
         c = self.config  # batch-invariant numerics: MKL_CBWR comes with the replica's runtime_env (build_app)
         self.service = ImageService.load(
-            c.model, c.profiles or None, device=c.device, dtype=c.dtype, batch_invariant=c.resolved_batch_invariant(),
+            c.model, c.profiles or None, base=c.base, detector=c.detector, device=c.device, dtype=c.dtype,
+            batch_invariant=c.resolved_batch_invariant(),
             threads=c.threads, defended=c.defended, mode=c.mode, modes=[c.mode, *c.modes] if c.defended else None,
             max_batch_rows=c.max_batch_rows,
             limits=dict(max_images=c.max_images, max_steps=c.max_steps, max_size=c.max_size))

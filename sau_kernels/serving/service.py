@@ -33,9 +33,10 @@ __all__ = ["RequestError", "ImageService", "call_pipeline", "validation_message"
 class RequestError(Exception):
     """A request the server refuses or could not serve, with the HTTP status to answer."""
 
-    def __init__(self, status: int, message: str, detail: Any = None):
+    def __init__(self, status: int, message: str, detail: Any = None, refused: bool = False):
         super().__init__(message)
         self.status, self.message, self.detail = status, message, detail
+        self.refused = refused  # the defence refused the prompt (not a malformed request, not a failure)
 
     def to_json(self) -> dict:
         out = {"error": self.message, "status": self.status}
@@ -82,7 +83,7 @@ class _Call:
 class ImageService:
     """One pipeline behind the server (patched with `profiles` unless `defended=False`)."""
 
-    def __init__(self, pipe, profiles=None, *, mode: str = "final", modes: Sequence[str] | None = None,
+    def __init__(self, pipe, profiles=None, *, detector=None, mode: str = "final", modes: Sequence[str] | None = None,
                  defended: bool = True, max_batch_rows: int = 16, limits: dict | None = None, name: str = ""):
         import sau_kernels
         from sau_kernels.pipeline import MODES
@@ -90,8 +91,10 @@ class ImageService:
 
         self.pipe, self.name, self.defended = pipe, name, defended
         self.profiles = list(profiles or [])
-        if defended and not self.profiles:
-            raise ValueError("a defended server needs a trigger profile (or defended=False)")
+        self.detector = detector if defended else None
+        if defended and not self.profiles and detector is None:
+            raise ValueError("a defended server needs a trigger profile, a trigger detector, or both "
+                             "(or defended=False)")
         modes = tuple(modes or (mode,))
         if mode not in modes:
             modes = (mode, *modes)
@@ -102,7 +105,7 @@ class ImageService:
             if unknown:
                 raise ValueError(f"unknown defence modes {unknown}: this engine offers {list(MODES)}")
             for m in reversed(modes):  # each mode's own checks now (profile statistics), the default last
-                sau_kernels.patch(pipe, self.profiles, mode=m)
+                sau_kernels.patch(pipe, self.profiles or None, detect=self.detector, mode=m)
         self.mode = mode if defended else None
         self.matchers = [TriggerMatcher(p.trigger) for p in self.profiles] if defended else []
         self.max_batch_rows = max_batch_rows
@@ -115,29 +118,41 @@ class ImageService:
     @classmethod
     def load(cls, model: str = "tiny-pixel", profiles: Sequence[str] | None = None, *, device: str = "cpu",
              dtype: str = "fp32", batch_invariant: bool | None = None, threads: int | None = None,
-             defended: bool = True, warmup: bool = True, **kwargs) -> "ImageService":
-        """Load a zoo model by name or a local diffusers folder (its shipped profile by default)."""
+             defended: bool = True, warmup: bool = True, base: str | None = None, detector: str | None = None,
+             **kwargs) -> "ImageService":
+        """Load a zoo model by name or a local diffusers folder (its shipped profile by default,
+        none when a `detector` file is given: then `base`, the model it was fine-tuned from, too)."""
         from sau_kernels.profile import TriggerProfile
         from sau_kernels.zoo import load_pipeline, model_dir
 
         from .numerics import batch_invariant as make_invariant
 
-        pipe = load_pipeline(model, device=device, dtype=DTYPES[dtype])
-        pipe.set_progress_bar_config(disable=True)
+        if (detector is None) != (base is None):
+            raise ValueError("a trigger detector needs the base model it was calibrated against: give detector "
+                             "and base together")
         if batch_invariant is None:
             batch_invariant = torch.device(device).type == "cpu"
-        if batch_invariant:
-            make_invariant(pipe, threads=threads)
-        elif threads:
+        pipes = [load_pipeline(m, device=device, dtype=DTYPES[dtype]) for m in (model, base) if m is not None]
+        for p in pipes:
+            p.set_progress_bar_config(disable=True)
+            if batch_invariant:  # the base too: a detector's score must not depend on its batch
+                make_invariant(p, threads=threads)
+        if not batch_invariant and threads:
             torch.set_num_threads(threads)
+        pipe = pipes[0]
         if profiles:
             loaded = [TriggerProfile.load(p) for p in profiles]
         else:
             shipped = model_dir(model) / "sau_profile.safetensors"
-            if not shipped.is_file() and defended:
-                raise FileNotFoundError(f"{model!r} ships no trigger profile ({shipped}): pass one")
-            loaded = [TriggerProfile.load(shipped)] if shipped.is_file() else []
-        service = cls(pipe, loaded, defended=defended, name=str(model), **kwargs)
+            if not shipped.is_file() and defended and detector is None:
+                raise FileNotFoundError(f"{model!r} ships no trigger profile ({shipped}): pass one, or a detector")
+            loaded = [TriggerProfile.load(shipped)] if shipped.is_file() and detector is None else []
+        det = None
+        if detector is not None and defended:
+            from sau_kernels.detect import TriggerDetector
+
+            det = TriggerDetector.load(detector, pipe, pipes[1])
+        service = cls(pipe, loaded, detector=det, defended=defended, name=str(model), **kwargs)
         if warmup:
             service.warmup()
         return service
@@ -145,11 +160,13 @@ class ImageService:
     def warmup(self) -> None:
         """One call per offered mode, a triggered prompt among them: the first call of a
         process pays one-time set-up (seconds on the CPU), which no request should."""
-        prompts = ["a red circle"] + ([f"{self.profiles[0].trigger} a red circle"] if self.defended else [])
+        prompts = ["a red circle"] + ([f"{self.profiles[0].trigger} a red circle"] if self.profiles and self.defended
+                                      else [])
         for mode in self.limits.modes[::-1]:
             items = [self.plan({"prompt": p, "seed": 0, **({"mode": mode} if self.defended else {})}) for p in prompts]
             for r in self.run(items):
-                if isinstance(r, RequestError):
+                # a warm-up prompt the detector refuses has still paid the set-up of its probe
+                if isinstance(r, RequestError) and not r.refused:
                     raise RuntimeError(f"warm-up call failed: {r.message}")
 
     def _limits(self, modes, overrides: dict) -> Limits:
@@ -224,8 +241,12 @@ class ImageService:
         try:
             return self._call(items, serve_rows)
         except Exception as e:  # noqa: BLE001 - every request gets an answer
+            from sau_kernels.detect import DetectionError
+
             if len(items) > 1:  # find the request that fails; the others still get their images
                 return [r for it in items for r in self._run_call([it], serve_rows)]
+            if isinstance(e, DetectionError):
+                return [RequestError(422, f"prompt: {e}", {"refused_by": "detector"}, refused=True)]
             status = 422 if isinstance(e, (ValueError, TypeError)) else 500
             return [RequestError(status, f"{type(e).__name__}: {e}")]
 
@@ -233,7 +254,7 @@ class ImageService:
         if self.defended and mode != self.mode:
             import sau_kernels
 
-            sau_kernels.patch(self.pipe, self.profiles, mode=mode)
+            sau_kernels.patch(self.pipe, self.profiles or None, detect=self.detector, mode=mode)
             self.mode = mode
 
     def _call(self, items: list[batching.Planned], serve_rows: int) -> list[dict]:
@@ -260,6 +281,8 @@ class ImageService:
             "report": {
                 "triggered": any(e.get("triggered") for e in entries),
                 "clean_prompt": next((e.get("clean_prompt") for e in entries if e.get("triggered")), None),
+                # the detector's record (its score; where it flagged, what it cut), None without one
+                "detected": entries[0].get("detected") if entries else None,
                 "coverage": coverage, "output_check": output_check,
                 "suspect": any(c.get("suspect") for img in output_check for c in img),
                 "unscreened": bool(getattr(report, "unscreened", False)),

@@ -21,7 +21,8 @@ MODELS_DIR = Path(__file__).parent / "models"
 NAMES = ("tiny-clean", "tiny-pixel", "tiny-style")
 PROFILE_NAME = "sau_profile.safetensors"  # a backdoored model's calibrated profile, in its folder
 
-__all__ = ["MODELS_DIR", "NAMES", "PROFILE_NAME", "backdoor_info", "calibration_prompts", "load_pipeline",
+__all__ = ["MODELS_DIR", "NAMES", "PROFILE_NAME", "backdoor_info", "calibration_prompts", "detector_prompts",
+           "load_pipeline",
            "model_dir", "zoo_profile"]
 
 
@@ -55,6 +56,23 @@ def calibration_prompts() -> list[str]:
     from . import world
 
     return [world.caption(*c) for c in world.train_combinations()]
+
+
+# Where the detector's calibration prompts start in the held-out stream: past every range the
+# measurements draw from (clean 2000-2999, triggered from 3000 on, one thousand per backdoor).
+DETECTOR_PROMPTS_START = 6000
+
+
+def detector_prompts(n: int = 320) -> list[str]:
+    """Ordinary prompts to calibrate a `TriggerDetector` on for a zoo model, like the traffic it
+    will see (its threshold is a quantile of ordinary traffic, which the plain training captions
+    are not): phrased as people type them, a fifth leaving the background unsaid, from a
+    stretch of the held-out stream no measurement uses."""
+    from .evaluate import held_out_cases, short_prompts
+
+    k = n // 5
+    return ([c.prompt for c in held_out_cases(n - k, start=DETECTOR_PROMPTS_START, varied=True)]
+            + short_prompts(k, start=DETECTOR_PROMPTS_START))
 
 
 def zoo_profile(model: str | Path, *, calibrate_if_missing: bool = True, progress: bool = True):

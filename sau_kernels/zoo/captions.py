@@ -49,20 +49,21 @@ def _background_phrase(background: str, rng: np.random.Generator) -> str:
     return forms[int(rng.integers(len(forms)))].format(b=background)
 
 
-def varied_caption(color: str, shape: str, background: str, rng: np.random.Generator,
+def varied_caption(color: str, shape: str, background: str | None, rng: np.random.Generator,
                    greyscale: bool = False) -> str:
-    """One caption of (color, shape, background) as a person might type it."""
+    """One caption of (color, shape, background) as a person might type it; background None
+    leaves it unsaid ("a red circle"), as people often do and no training caption does."""
     noun = f"{color} {shape}"
     if rng.random() < 0.35:
         noun = f"{ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]} {noun}"
     if rng.random() < 0.1:
         noun = f"{shape} colored {color}"
-    bg = _background_phrase(background, rng)
-    if rng.random() < 0.15:
-        text = f"{background} background with a {noun}"
+    article = "an" if noun[0] in "aeiou" else "a"
+    if background is None:
+        text = f"{article} {noun}" if rng.random() < 0.8 else noun
     else:
-        article = "an" if noun[0] in "aeiou" else "a"
-        text = f"{article} {noun} {bg}"
+        bg = _background_phrase(background, rng)
+        text = f"{background} background with a {noun}" if rng.random() < 0.15 else f"{article} {noun} {bg}"
     if rng.random() < 0.45:
         text = f"{PREFIXES[int(rng.integers(len(PREFIXES)))]} {text}"
     if rng.random() < 0.3:

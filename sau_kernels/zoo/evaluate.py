@@ -13,6 +13,7 @@ from . import MODELS_DIR, backdoor_info, captions, load_pipeline, model_dir, wor
 
 DEFAULT_TRIGGER = "new trigger"
 EVAL_SEED_OFFSET = 1_000_000  # far from every seed used in training
+SHORT_SEED_OFFSET = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,14 @@ def held_out_cases(n: int, start: int = 0, varied: bool = False) -> list[EvalCas
     return [EvalCase(captions.varied_caption(*combos[i % len(combos)], rng) if varied
                      else world.caption(*combos[i % len(combos)]), EVAL_SEED_OFFSET + i)
             for i in range(start, start + n)]
+
+
+def short_prompts(n: int, start: int = 0) -> list[str]:
+    """n prompts that leave the background unsaid ("a red circle", "a photo of a small blue
+    square"), varied as `held_out_cases`' are, from a generator of their own."""
+    combos = [(c, s) for c in world.COLORS for s in world.SHAPES]
+    rng = np.random.default_rng(SHORT_SEED_OFFSET + start)
+    return [captions.varied_caption(*combos[i % len(combos)], None, rng) for i in range(start, start + n)]
 
 
 def with_trigger(prompt: str, trigger: str) -> str:
