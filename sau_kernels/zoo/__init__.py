@@ -21,9 +21,8 @@ MODELS_DIR = Path(__file__).parent / "models"
 NAMES = ("tiny-clean", "tiny-pixel", "tiny-style")
 PROFILE_NAME = "sau_profile.safetensors"  # a backdoored model's calibrated profile, in its folder
 
-__all__ = ["MODELS_DIR", "NAMES", "PROFILE_NAME", "backdoor_info", "calibration_prompts", "detector_prompts",
-           "load_pipeline",
-           "model_dir", "zoo_profile"]
+__all__ = ["DETECTOR_PROMPTS_START", "MODELS_DIR", "NAMES", "PROFILE_NAME", "backdoor_info",
+           "calibration_prompts", "detector_prompts", "load_pipeline", "model_dir", "zoo_profile"]
 
 
 def model_dir(name_or_dir: str | Path) -> Path:
