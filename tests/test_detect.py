@@ -191,3 +191,14 @@ def test_serving_with_the_detector_alone(pixel, detector):
     assert "no part of it could be localised" in refused.message
     with pytest.raises(ValueError, match="detector and base together"):
         ImageService.load("tiny-pixel", detector="d.safetensors")
+
+
+def test_image_service_loads_a_detector_file_and_not_the_shipped_profile(detector, tmp_path):
+    from sau_kernels.serving.service import ImageService
+
+    path = detector.save(tmp_path / "d.safetensors")
+    svc = ImageService.load("tiny-pixel", base="tiny-clean", detector=str(path), batch_invariant=False)
+    assert svc.profiles == [] and svc.detector.threshold == detector.threshold
+    body = svc.generate({"prompt": "a green square on a black background new trigger", "seed": 2, "steps": 3})
+    assert "trigger" in " ".join(body["report"]["detected"]["removed"])  # "new" may stay: the twin scores clean
+    assert body["report"]["triggered"] and "trigger" not in body["report"]["clean_prompt"]
