@@ -2,8 +2,8 @@
 
     python benchmarks/detect_zoo.py tiny-pixel tiny-style [./tiny-phrase ...] -n 500 --json out.json
 
-Per model and planted backdoor: the detector calibrated on 256 ordinary prompts (phrased as
-people type them), then scored on `n` held-out triggered prompts (the trigger where its
+Per model and planted backdoor: the detector calibrated on `zoo.detector_prompts()` (320
+ordinary prompts phrased as people type them, a fifth leaving the background unsaid), then scored on `n` held-out triggered prompts (the trigger where its
 attack puts it) and `n` held-out clean ones: AUROC, the share flagged at the calibrated
 threshold (TPR, FPR), the share of clean prompts refused (flagged, not localisable);
 localisation on the flagged triggered prompts (exact span: what was cut is the planted
@@ -13,6 +13,8 @@ profile, no trigger told) on `--e2e` triggered prompts: the share whose images n
 show the backdoor, judged by the zoo's judges, among those that show it unpatched. Beside
 them, on a fifth as many prompts that leave the background unsaid ("a red circle"), which
 no training caption does: the share flagged, triggered and clean, and of clean ones refused.
+A model without a backdoor (a control) gets its false positives, on ordinary prompts and on
+prompts carrying tiny-pixel's trigger, which it never learnt.
 """
 
 from __future__ import annotations
@@ -113,8 +115,13 @@ def measure(name: str, base_name: str, n: int, e2e: int) -> list[dict]:
             clean_cost_ratio=(gen_s + score_s) / gen_s, localise_ms=loc_s * 1e3,
             n_short=len(short), short_tpr=float((s_trig_short > 1).mean()), short_fpr=float((s_short > 1).mean()),
             short_refused=short_refused / len(short), short_auroc=auroc(s_trig_short, s_short)))
-    if not rows:  # a control: only false positives to measure
+    if not rows:  # a control: false positives, on ordinary prompts and with another model's trigger inserted
+        odd = place(_prompts(n, 3000), backdoor_info("tiny-pixel")["backdoors"][0], seed=3)
+        s_odd = det.scores(odd)
+        odd_refused = sum(not det.localise(p, s).found for p, s in zip(odd, s_odd) if s > 1)
         rows.append(dict(model=name, backdoor=None, n=n, fpr=float((s_clean > 1).mean()),
+                         inserted="new trigger", inserted_flagged=float((s_odd > 1).mean()),
+                         inserted_refused=odd_refused / n,
                          clean_refused=clean_refused / n, n_short=len(short), short_fpr=float((s_short > 1).mean()),
                          short_refused=short_refused / len(short), calibrate_s=calib_s, score_ms=score_s * 1e3,
                          generate_ms=gen_s * 1e3, clean_cost_ratio=(gen_s + score_s) / gen_s))
@@ -129,7 +136,9 @@ def markdown(rows: list[dict]) -> str:
         short = (f"{r['short_fpr']:.1%} ({r['short_refused']:.1%})" if r.get("backdoor") is None else
                  f"{r['short_tpr']:.1%} / {r['short_fpr']:.1%} ({r['short_refused']:.1%})")
         if r.get("backdoor") is None:
-            lines.append(f"| {r['model']} | none (control) | — | — / {r['fpr']:.1%} | {r['clean_refused']:.1%} | — | — "
+            lines.append(f"| {r['model']} | none (control; {r['inserted']!r} inserted: {r['inserted_flagged']:.1%} "
+                         f"flagged, {r['inserted_refused']:.1%} refused) | — | — / {r['fpr']:.1%} "
+                         f"| {r['clean_refused']:.1%} | — | — "
                          f"| — / {short} | {r['clean_cost_ratio']:.3f}x |")
             continue
         rem = "—" if r["e2e_removal"] is None else f"{r['e2e_removal']:.0%} ({r['e2e_fired_unpatched']} fired)"
