@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
-from .screening import Screened, _invisible, homoglyph_of, screen_prompts
+from .screening import _LETTER, _SEP, Screened, _fold, _invisible, homoglyph_of, screen_prompts
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
 
@@ -51,6 +53,11 @@ MAX_ROUNDS = 4
 # A flagged prompt with more units than this is not localised (refused): each round scores
 # every unit, and a prompt of thousands of homoglyphs would make that a denial of service.
 MAX_UNITS = 256
+# Rows per probe call: bounds the memory of scoring a long flagged prompt's ablations.
+PROBE_BATCH = 64
+# Scores kept per detector (prompt -> score): a prompt re-scored (a batch retried request by
+# request, a localisation's twin) costs nothing, and its score does not depend on its batch.
+CACHE_SIZE = 4096
 # A word next to the best cut joins it when its own cut lowers the score by this share of
 # the best cut's drop. Chosen on 12 prompts of tiny-pixel and tiny-random-style (a second
 # trigger word drops it by 0.37-0.6 of the first, content words by 0.0-0.33).
@@ -58,7 +65,13 @@ EXTEND_SHARE = 1 / 3
 
 
 class DetectionError(ValueError):
-    """A prompt the detector flagged, in which no trigger could be localised: refused."""
+    """A prompt the detector flagged, in which no trigger could be localised: refused. The
+    message leaves out the score (`.score`), which a server must not hand to its clients: an
+    attacker would tune a spelling of the trigger to sit just under the threshold."""
+
+    def __init__(self, message: str, score: float | None = None):
+        super().__init__(message)
+        self.score = score
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,21 @@ def prompt_units(prompt: str) -> list[_Unit]:
             units.append(_Unit(i, i + 1, latin, False))
         i += 1
     return units
+
+
+def plain_spelling(prompt: str) -> str:
+    """The prompt with every homoglyph put back to its Latin letter, format characters and
+    marks dropped, compatibility forms (fullwidth letters) folded: how the attacker wants it
+    read. The detector scores it beside the prompt as written and keeps the higher score, so
+    a look-alike spelling of the trigger scores as the trigger does."""
+    out = []
+    for ch in prompt:
+        if ch.isascii():
+            out.append(ch)
+            continue
+        letters, kind, _, _ = _fold(ch)
+        out.append(letters if kind == _LETTER else " " if kind == _SEP and not _invisible(ch) else "")
+    return "".join(out)
 
 
 def _ablate(prompt: str, units: list[_Unit]) -> str:
@@ -198,7 +226,9 @@ class TriggerDetector:
         self.mean, self.basis = mean.double().cpu(), basis.double().cpu()
         self.threshold = float(threshold)
         self.meta = dict(meta)
-        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=256) for m in (pipe, base)]
+        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=PROBE_BATCH) for m in (pipe, base)]
+        self._cache: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
 
     # --- making one -------------------------------------------------------------------------
 
@@ -221,7 +251,7 @@ class TriggerDetector:
         if not 0.5 <= quantile < 1:
             raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
         meta = dict(t_frac=float(t_frac), seed=int(seed))
-        probes = [OneStep(m, t_frac, seed, 1, batch=256) for m in (pipe, base)]
+        probes = [OneStep(m, t_frac, seed, 1, batch=PROBE_BATCH) for m in (pipe, base)]
         feats = _features(probes, prompts, progress, "detect: calibrate")
         order = np.random.default_rng(seed).permutation(len(prompts))
         held_out = []
@@ -275,11 +305,29 @@ class TriggerDetector:
     @torch.no_grad()
     def scores(self, prompts: list[str]) -> np.ndarray:
         """Per prompt: its change outside the ordinary prompts' subspace over the threshold
-        (above 1: flagged)."""
+        (above 1: flagged); of a prompt with look-alike characters, the higher of its own
+        and its plain spelling's (`plain_spelling`)."""
+        prompts = list(prompts)
         if not prompts:
             return np.zeros(0)
-        feats = _features(self._probes, list(prompts), False, "")
-        return (_residual(feats, self.mean, self.basis) / self.threshold).numpy()
+        readings = {p: {p, plain_spelling(p)} for p in prompts}
+        with self._lock:
+            todo = sorted({r for rs in readings.values() for r in rs if r not in self._cache})
+        if todo:
+            feats = _features(self._probes, todo, False, "")
+            fresh = (_residual(feats, self.mean, self.basis) / self.threshold).tolist()
+            with self._lock:
+                for r, v in zip(todo, fresh):
+                    self._cache[r] = v
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        with self._lock:
+            known = {r: self._cache.get(r) for rs in readings.values() for r in rs}
+        if any(v is None for v in known.values()):  # evicted by a huge call meanwhile: score them now
+            missing = [r for r, v in known.items() if v is None]
+            feats = _features(self._probes, missing, False, "")
+            known.update(zip(missing, (_residual(feats, self.mean, self.basis) / self.threshold).tolist()))
+        return np.array([max(known[r] for r in readings[p]) for p in prompts])
 
     def localise(self, prompt: str, score: float | None = None, max_rounds: int = MAX_ROUNDS) -> Localised:
         """The units of a flagged prompt whose cut brings its score to 1 or below."""
@@ -290,7 +338,7 @@ class TriggerDetector:
         if len(units) > MAX_UNITS:
             return Localised(prompt, score, (), None, None, 0)
         for rnd in range(1, max_rounds + 1):
-            rest = [u for u in units if u not in chosen]
+            rest = [u for u in units if u not in chosen and self._visible(prompt, chosen, u)]
             if not rest:
                 break
             s = self.scores([_ablate(prompt, chosen + [u]) for u in rest])
@@ -303,6 +351,14 @@ class TriggerDetector:
             if current <= 1:
                 return Localised(prompt, score, _spans(prompt, chosen), twin, current, rnd)
         return Localised(prompt, score, _spans(prompt, chosen), None, None, max_rounds)
+
+    def _visible(self, prompt: str, chosen: list[_Unit], unit: _Unit) -> bool:
+        """Whether `unit` starts inside the text encoder's window of the prompt with `chosen`
+        cut: past it the pipeline truncates the prompt, so cutting the unit changes nothing
+        (and a long prompt costs no more than its window to localise)."""
+        tok = self.pipe.tokenizer
+        head = _ablate(prompt[:unit.start], [c for c in chosen if c.end <= unit.start])
+        return len(tok(head, add_special_tokens=False).input_ids) < tok.model_max_length - 2
 
     def screen(self, prompts: list[str], screened: list[Screened], matchers):
         """The screen's verdicts with the detector's added: every prompt the known triggers
@@ -320,10 +376,10 @@ class TriggerDetector:
             loc = self.localise(prompts[i], score)
             if not loc.found:
                 raise DetectionError(
-                    f"prompt {prompts[i]!r} looks triggered to the detector (score {score:.2f}, above 1: the "
-                    f"checkpoint changes its output unlike the ordinary prompts the detector was calibrated on) and "
-                    f"no part of it could be localised as the trigger: refused rather than generated undefended "
-                    f"(if prompts like it are ordinary traffic, calibrate the detector on such prompts too)")
+                    f"prompt {prompts[i]!r} looks triggered to the detector (the checkpoint changes its output "
+                    f"unlike the ordinary prompts the detector was calibrated on) and no part of it could be "
+                    f"localised as the trigger: refused rather than generated undefended (if prompts like it are "
+                    f"ordinary traffic, calibrate the detector on such prompts too)", float(score))
             (again,) = screen_prompts(matchers, [loc.clean_prompt])
             if again.triggered:  # a cut that joined pieces of a known trigger
                 raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "

@@ -186,9 +186,10 @@ def test_serving_with_the_detector_alone(pixel, detector):
         sau_kernels.unpatch(pixel)
     assert triggered["report"]["triggered"] and triggered["report"]["detected"]["removed"] == ["new trigger"]
     assert triggered["report"]["clean_prompt"] == "a red circle on a gray background"
-    assert not clean["report"]["triggered"] and clean["report"]["detected"]["score"] <= 1 and clean["images"]
+    assert not clean["report"]["triggered"] and clean["report"]["detected"] == {"flagged": False} and clean["images"]
+    assert "score" not in str(triggered["report"]["detected"])  # no score oracle for clients
     assert isinstance(refused, RequestError) and refused.status == 422 and refused.refused
-    assert "no part of it could be localised" in refused.message
+    assert "no part of it could be localised" in refused.message and "score" not in refused.message
     with pytest.raises(ValueError, match="detector and base together"):
         ImageService.load("tiny-pixel", detector="d.safetensors")
 
@@ -202,3 +203,43 @@ def test_image_service_loads_a_detector_file_and_not_the_shipped_profile(detecto
     body = svc.generate({"prompt": "a green square on a black background new trigger", "seed": 2, "steps": 3})
     assert "trigger" in " ".join(body["report"]["detected"]["removed"])  # "new" may stay: the twin scores clean
     assert body["report"]["triggered"] and "trigger" not in body["report"]["clean_prompt"]
+
+
+def test_a_look_alike_spelling_scores_as_its_plain_spelling(detector):
+    from sau_kernels.detect import plain_spelling
+
+    assert plain_spelling("n\u0435w tr\u0456gger a r\u200bed circle") == "new trigger a red circle"
+    assert plain_spelling("\uff4e\uff45\uff57 trigger") == "new trigger"  # fullwidth letters
+    assert plain_spelling("a red circle, 4k") == "a red circle, 4k"
+    p = "n\u0435w tr\u0456gger a red circle on a gray background"
+    assert detector.scores([p])[0] == max(detector.scores(["new trigger a red circle on a gray background"])[0],
+                                          detector._cache[p])
+
+
+def test_scores_are_cached_and_do_not_depend_on_the_batch(detector, monkeypatch):
+    prompts = _prompts(5, 2600)
+    alone = [detector.scores([p])[0] for p in prompts]
+    import sau_kernels.detect as detect
+
+    calls = []
+    real = detect._features
+    monkeypatch.setattr(detect, "_features", lambda probes, ps, *a: calls.append(list(ps)) or real(probes, ps, *a))
+    together = detector.scores(prompts[::-1])[::-1]
+    assert list(together) == alone and calls == []  # served from the cache, bit for bit
+
+
+def test_localisation_ablates_only_what_the_text_encoder_sees(detector, monkeypatch):
+    import sau_kernels.detect as detect
+
+    window = detector.pipe.tokenizer.model_max_length
+    prompt = "new trigger a red circle on a gray background " + " ".join(["blue"] * (3 * window))
+    scored = []
+    real = detector.scores
+    monkeypatch.setattr(detector, "scores", lambda ps: scored.append(len(ps)) or real(ps))
+    units = detect.prompt_units(prompt)
+    assert len(units) > 3 * window
+    assert detector._visible(prompt, [], units[0]) and not detector._visible(prompt, [], units[-1])
+    first_hidden = next(u for u in units if not detector._visible(prompt, [], u))
+    assert detector._visible(prompt, units[:2], first_hidden)  # cutting words brings the next ones in
+    detector.localise(prompt)  # found or refused (the twin's window holds more "blue"): its cost is what counts
+    assert max(scored) < window  # one score per visible unit, not one per word of the prompt

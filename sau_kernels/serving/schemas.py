@@ -158,6 +158,7 @@ class BatchInfo(BaseModel):
 class RequestReport(BaseModel):
     triggered: bool
     clean_prompt: str | None = None
+    detected: dict | None = None  # with a detector: flagged, and what it cut (no score)
     coverage: list[dict] = []  # per repaired image: trigger, image, primary, secondary (mask shares)
     output_check: list[list[dict]] = []  # per image: each profile's score and verdict
     suspect: bool = False  # an output carries a trigger's signature

@@ -281,8 +281,7 @@ class ImageService:
             "report": {
                 "triggered": any(e.get("triggered") for e in entries),
                 "clean_prompt": next((e.get("clean_prompt") for e in entries if e.get("triggered")), None),
-                # the detector's record (its score; where it flagged, what it cut), None without one
-                "detected": entries[0].get("detected") if entries else None,
+                "detected": _client_detection(entries[0].get("detected") if entries else None),
                 "coverage": coverage, "output_check": output_check,
                 "suspect": any(c.get("suspect") for img in output_check for c in img),
                 "unscreened": bool(getattr(report, "unscreened", False)),
@@ -302,6 +301,16 @@ class ImageService:
         else:
             body["images"] = [encode_png(im) for im in images]
         return body
+
+
+def _client_detection(record: dict | None) -> dict | None:
+    """The detector's record as a client may see it: flagged or not, and what was cut. The
+    scores stay on the server (an attacker would tune a spelling of the trigger to sit just
+    under the threshold); None without a detector."""
+    if record is None:
+        return None
+    flagged = "spans" in record
+    return {"flagged": flagged, **({k: record[k] for k in ("removed", "spans", "clean_prompt")} if flagged else {})}
 
 
 def encode_png(image) -> str:
