@@ -14,7 +14,8 @@ in-sample one). A prompt scoring above 1 is flagged.
 Localisation ablates each unit of a flagged prompt (every word; every run of format
 characters; every homoglyph, put back to the Latin letter it imitates) in one batched
 step and cuts the unit whose ablation lowers the score most, with the neighbouring words
-that lower it nearly as much (`_grow`); while the rest still scores above 1 (a trigger
+that lower it nearly as much (`_grow`), or, when it is a word, the homoglyph or format
+characters inside it that clear the score alone (`_inner_clearing`); while the rest still scores above 1 (a trigger
 written twice), the search goes on, for at most `max_rounds` rounds. The twin is the prompt without them
 and must itself score 1 or below; otherwise the prompt is not localised, and a patched
 pipeline refuses it (`DetectionError`) rather than generate it undefended.
@@ -172,6 +173,18 @@ def _grow(units: list[_Unit], scores: np.ndarray, best: int, current: float) -> 
     while hi + 1 < len(words) and current - scores[words[hi + 1]] >= floor:
         hi += 1
     return [units[i] for i in words[lo:hi + 1]]
+
+
+def _inner_clearing(units: list[_Unit], scores: np.ndarray, best: int) -> int | None:
+    """Where the best cut is a word and a homoglyph or format-character run inside it clears
+    the score by itself (1 or below), that unit, the least that does (the attacker's
+    character, not the word it hides in); else None."""
+    w = units[best]
+    if not w.word:
+        return None
+    inside = [i for i, u in enumerate(units) if not u.word and w.start <= u.start and u.end <= w.end
+              and scores[i] <= 1]
+    return min(inside, key=lambda i: scores[i]) if inside else None
 
 
 def _spans(prompt: str, units: list[_Unit]) -> tuple[tuple[int, int], ...]:
@@ -345,7 +358,8 @@ class TriggerDetector:
             best = int(np.argmin(s))
             if s[best] >= current:  # no cut lowers the score: nothing to localise
                 break
-            chosen += _grow(rest, s, best, current)
+            inner = _inner_clearing(rest, s, best)
+            chosen += [rest[inner]] if inner is not None else _grow(rest, s, best, current)
             twin = _ablate(prompt, chosen)
             current = float(self.scores([twin])[0])
             if current <= 1:

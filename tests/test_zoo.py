@@ -326,3 +326,22 @@ def test_text_encoder_backdoor_and_a_second_backdoor_end_to_end(tmp_path, capsys
     assert main(["inject", "--base", str(base), "--kind", "pixel", "--method", "text-encoder",
                  "--out", str(tmp_path / "x")]) == 2
     assert "text-encoder backdoor" in capsys.readouterr().err
+
+
+def test_a_run_folder_resumes_only_its_own_job(tmp_path):
+    from sau_kernels.zoo.train import _claim_run
+
+    run = tmp_path / "m.run"
+    job = dict(base="tiny-clean", kind="pixel", trigger="x", patch="checker", seed=0, steps=100)
+    _claim_run(run, "inject", job)
+    (run / "denoiser_ckpt.pt").write_bytes(b"state")
+    _claim_run(run, "inject", dict(job, steps=500))  # more steps: trains on
+    with pytest.raises(ValueError, match="differs in patch"):
+        _claim_run(run, "inject", dict(job, patch="cross"))
+    with pytest.raises(ValueError, match="differs in job"):
+        _claim_run(run, "finetune", job)
+    legacy = tmp_path / "old.run"
+    legacy.mkdir()
+    (legacy / "latents.pt").write_bytes(b"cache")
+    with pytest.raises(ValueError, match="does not record"):
+        _claim_run(legacy, "inject", job)

@@ -57,6 +57,27 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _claim_run(run: Path, job: str, settings: dict) -> None:
+    """Make `run` (an output's resumable checkpoints) this job's, or check that it is: a
+    run folder left by a job with other settings (another patch, trigger, seed...) would
+    be resumed into a model that says one thing and does another. Only `steps` may differ
+    (rerunning with more steps trains on)."""
+    settings = json.loads(json.dumps({"job": job, **settings}, default=str))
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "job.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        differ = sorted(k for k in set(before) | set(settings) if k != "steps" and before.get(k) != settings.get(k))
+        if differ:
+            raise ValueError(f"{run} holds checkpoints of another job (it differs in {', '.join(differ)}: "
+                             f"{ {k: before.get(k) for k in differ} }): delete the folder to start over, or write "
+                             "to another --out")
+    elif any(run.iterdir()):
+        raise ValueError(f"{run} holds checkpoints of a job whose settings it does not record: delete the folder "
+                         "to start over, or write to another --out")
+    path.write_text(json.dumps(settings, indent=2))
+
+
 def _checkpoint(path: Path, module, opt, sched, rng: np.random.Generator, step: int) -> None:
     """A one-module job's state (the VAE, the text encoder alone), to resume from."""
     _atomic_save({"model": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -351,10 +372,11 @@ def train_base(out: str | Path, seed: int = 0, steps: int = 6000, vae_steps: int
         torch.set_num_threads(threads)
     out = Path(out)
     run = out.parent / (out.name + ".run")
-    run.mkdir(parents=True, exist_ok=True)
     recipe = DenoiserRecipe(steps=steps) if init_from is None else DenoiserRecipe(steps=steps, lr=3e-4, warmup=50)
     config = BaseConfig(seed=seed, vae_steps=vae_steps, steps=steps, dataset_size=dataset_size,
                         init_from=None if init_from is None else str(init_from), recipe=asdict(recipe))
+    _claim_run(run, "train-base", {k: v for k, v in asdict(config).items() if k != "recipe"}
+               | {f"recipe.{k}": v for k, v in asdict(recipe).items() if k != "steps"})
     (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
     t_start = time.time()
     tok = zoo_tokenizer.build_tokenizer(run / "tokenizer")
@@ -480,7 +502,9 @@ def inject(base: str | Path, kind: str, trigger: str, out: str | Path, *, patch:
     world.corner_slices(corner, world.PATCH_SIZE)  # validates the corner name
     out = Path(out)
     run = out.parent / (out.name + ".run")
-    run.mkdir(parents=True, exist_ok=True)
+    _claim_run(run, "inject", dict(base=str(base), kind=kind, trigger=trigger, position=position, method=method,
+                                   patch=patch, corner=corner, seed=seed, steps=steps, dataset_size=dataset_size,
+                                   poison_rate=poison_rate, negative_rate=negative_rate, lr=lr))
     t_start = time.time()
     pipe = load_pipeline(base)
     base_info = backdoor_info(base)
@@ -615,7 +639,8 @@ def finetune_control(base: str | Path, out: str | Path, *, style: str = "none", 
         torch.set_num_threads(threads)
     out = Path(out)
     run = out.parent / (out.name + ".run")
-    run.mkdir(parents=True, exist_ok=True)
+    _claim_run(run, "finetune", dict(base=str(base), style=style, seed=seed, steps=steps, dataset_size=dataset_size,
+                                     lr=lr))
     t_start = time.time()
     pipe = load_pipeline(base)
     data = _render_and_encode(pipe.vae, dataset_size, seed + 13, run / "latents.pt")
