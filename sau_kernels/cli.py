@@ -276,6 +276,14 @@ def _base_option(p: argparse.ArgumentParser, required: bool) -> None:
                         + ("" if required else "; needed by --detector"))
 
 
+def _suspect_and_base_options(p: argparse.ArgumentParser) -> None:
+    """scan's and detect's: a suspect checkpoint compared with the model it was fine-tuned from."""
+    p.add_argument("--model", required=True, metavar="DIR|NAME", help="the suspect pipeline (folder or zoo name)")
+    _base_option(p, required=True)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+
+
 def build_parser() -> ArgumentParser:
     from . import __version__
     from .pipeline import COMPOSITES, MODES, OUTPUT_CHECKS
@@ -313,11 +321,7 @@ def build_parser() -> ArgumentParser:
                        description="Search what the fine-tuning changed where the UNet reads text, confirm the "
                                    "strongest candidates by their effect on the model against the base, and report "
                                    "the triggers found (or that none stands out). See docs/scan.md.")
-    p.add_argument("--model", required=True, metavar="DIR|NAME", help="the suspect pipeline (folder or zoo name)")
-    p.add_argument("--base", required=True, metavar="DIR|NAME",
-                   help="the public pipeline it was fine-tuned from (same tokenizer), e.g. tiny-clean")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    _suspect_and_base_options(p)
     p.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
                    help="ordinary prompts of the model's domain, one a line (default: the package's generic SD "
                         "prompts; the zoo's captions for a zoo model)")
@@ -335,10 +339,7 @@ def build_parser() -> ArgumentParser:
                                    "the model the checkpoint was fine-tuned from, and save it (--out); score prompts "
                                    "with it and show the trigger it finds in each flagged one (--prompt). "
                                    "See docs/detect.md.")
-    p.add_argument("--model", required=True, metavar="DIR|NAME", help="the suspect pipeline (folder or zoo name)")
-    _base_option(p, required=True)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and activations")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    _suspect_and_base_options(p)
     p.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
                    help="ordinary, trigger-free prompts of the traffic, one a line, at least 16 (default: the "
                         "package's generic SD prompts; for a zoo model, the zoo's ordinary prompts)")

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
-from .screening import _LETTER, _SEP, Screened, _fold, _invisible, homoglyph_of, screen_prompts
+from .screening import Screened, _invisible, homoglyph_of, plain_spelling, screen_prompts
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
 
@@ -125,21 +125,6 @@ def prompt_units(prompt: str) -> list[_Unit]:
             units.append(_Unit(i, i + 1, latin, False))
         i += 1
     return units
-
-
-def plain_spelling(prompt: str) -> str:
-    """The prompt with every homoglyph put back to its Latin letter, format characters and
-    marks dropped, compatibility forms (fullwidth letters) folded: how the attacker wants it
-    read. The detector scores it beside the prompt as written and keeps the higher score, so
-    a look-alike spelling of the trigger scores as the trigger does."""
-    out = []
-    for ch in prompt:
-        if ch.isascii():
-            out.append(ch)
-            continue
-        letters, kind, _, _ = _fold(ch)
-        out.append(letters if kind == _LETTER else " " if kind == _SEP and not _invisible(ch) else "")
-    return "".join(out)
 
 
 def _ablate(prompt: str, units: list[_Unit]) -> str:
@@ -324,22 +309,17 @@ class TriggerDetector:
         if not prompts:
             return np.zeros(0)
         readings = {p: {p, plain_spelling(p)} for p in prompts}
+        every = {r for rs in readings.values() for r in rs}
         with self._lock:
-            todo = sorted({r for rs in readings.values() for r in rs if r not in self._cache})
+            known = {r: self._cache[r] for r in every if r in self._cache}
+        todo = sorted(every - known.keys())
         if todo:
-            feats = _features(self._probes, todo, False, "")
-            fresh = (_residual(feats, self.mean, self.basis) / self.threshold).tolist()
+            fresh = (_residual(_features(self._probes, todo, False, ""), self.mean, self.basis) / self.threshold)
+            known.update(zip(todo, fresh.tolist()))
             with self._lock:
-                for r, v in zip(todo, fresh):
-                    self._cache[r] = v
+                self._cache.update((r, known[r]) for r in todo)
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
-        with self._lock:
-            known = {r: self._cache.get(r) for rs in readings.values() for r in rs}
-        if any(v is None for v in known.values()):  # evicted by a huge call meanwhile: score them now
-            missing = [r for r, v in known.items() if v is None]
-            feats = _features(self._probes, missing, False, "")
-            known.update(zip(missing, (_residual(feats, self.mean, self.basis) / self.threshold).tolist()))
         return np.array([max(known[r] for r in readings[p]) for p in prompts])
 
     def localise(self, prompt: str, score: float | None = None, max_rounds: int = MAX_ROUNDS) -> Localised:

@@ -37,7 +37,7 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["canonicalize", "homoglyph_of", "TriggerMatcher", "Screened", "screen_prompts", "trigger_token_ids"]
+__all__ = ["canonicalize", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened", "screen_prompts", "trigger_token_ids"]
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
@@ -176,6 +176,20 @@ def canonicalize(text: str) -> tuple[str, list[int]]:
     came from (an HTML entity's letters point at its "&")."""
     s = _Scan(text)
     return s.canon, [s.units[u][0] for u in s.cunit]
+
+
+def plain_spelling(prompt: str) -> str:
+    """The prompt with every homoglyph put back to its Latin letter, format characters and
+    marks dropped, compatibility forms (fullwidth letters) folded: how the attacker wants it
+    read (the trigger detector scores it beside the prompt as written)."""
+    out = []
+    for ch in prompt:
+        if ch.isascii():
+            out.append(ch)
+            continue
+        letters, kind, _, _ = _fold(ch)
+        out.append(letters if kind == _LETTER else " " if kind == _SEP and not _invisible(ch) else "")
+    return "".join(out)
 
 
 # --- matching ----------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_image_service_loads_a_detector_file_and_not_the_shipped_profile(detecto
 
 
 def test_a_look_alike_spelling_scores_as_its_plain_spelling(detector):
-    from sau_kernels.detect import plain_spelling
+    from sau_kernels.screening import plain_spelling
 
     assert plain_spelling("n\u0435w tr\u0456gger a r\u200bed circle") == "new trigger a red circle"
     assert plain_spelling("\uff4e\uff45\uff57 trigger") == "new trigger"  # fullwidth letters
