@@ -305,7 +305,11 @@ class TriggerDetector:
         """Per prompt: its change outside the ordinary prompts' subspace over the threshold
         (above 1: flagged); of a prompt with look-alike characters, the higher of its own
         and its plain spelling's (`plain_spelling`)."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not one string")
         prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {sorted({type(p).__name__ for p in prompts})}")
         if not prompts:
             return np.zeros(0)
         readings = {p: {p, plain_spelling(p)} for p in prompts}

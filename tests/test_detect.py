@@ -131,6 +131,17 @@ def test_scores_of_an_empty_list(detector):
     assert detector.scores([]).shape == (0,)
 
 
+def test_scores_refuse_what_is_not_a_list_of_prompts(detector):
+    with pytest.raises(TypeError, match="not one string"):
+        detector.scores("a red circle")
+    with pytest.raises(TypeError, match=r"prompts must be strings, got \['int', 'str'\]"):
+        detector.scores(["a red circle", 3])
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        detector.localise(None)
+    with pytest.raises(ValueError, match="positive whole number"):
+        detector_prompts(0)
+
+
 def test_a_unet_that_takes_more_than_the_latent_is_refused(base):
     from types import SimpleNamespace
 

@@ -69,6 +69,8 @@ def detector_prompts(n: int = 320) -> list[str]:
     stretch of the held-out stream no measurement uses."""
     from .evaluate import held_out_cases, short_prompts
 
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive whole number, got {n!r}")
     k = n // 5
     return ([c.prompt for c in held_out_cases(n - k, start=DETECTOR_PROMPTS_START, varied=True)]
             + short_prompts(k, start=DETECTOR_PROMPTS_START))
