@@ -14,8 +14,8 @@ in-sample one). A prompt scoring above 1 is flagged.
 Localisation ablates each unit of a flagged prompt (every word; every run of format
 characters; every homoglyph, put back to the Latin letter it imitates) in one batched
 step and cuts the unit whose ablation lowers the score most, with the neighbouring words
-that lower it nearly as much (`_grow`), or, when it is a word, the homoglyph or format
-characters inside it that clear the score alone (`_inner_clearing`); while the rest still scores above 1 (a trigger
+that lower it nearly as much (`_grow`), or, when it is a word, the homoglyph inside it that
+clears the score alone (`_inner_clearing`); while the rest still scores above 1 (a trigger
 written twice), the search goes on, for at most `max_rounds` rounds. The twin is the prompt without them
 and must itself score 1 or below; otherwise the prompt is not localised, and a patched
 pipeline refuses it (`DetectionError`) rather than generate it undefended.
@@ -161,14 +161,16 @@ def _grow(units: list[_Unit], scores: np.ndarray, best: int, current: float) -> 
 
 
 def _inner_clearing(units: list[_Unit], scores: np.ndarray, best: int) -> int | None:
-    """Where the best cut is a word and a homoglyph or format-character run inside it clears
-    the score by itself (1 or below), that unit, the least that does (the attacker's
-    character, not the word it hides in); else None."""
+    """Where the best cut is a word and a homoglyph inside it, put back to its Latin letter,
+    clears the score by itself (1 or below), that homoglyph, the least that does (the
+    attacker's character, not the word it hides in); else None. Not a format-character run:
+    deleting one joins the pieces around it ("new\u200btrigger" -> "newtrigger", a weaker
+    spelling of the trigger that may score under 1 and still fire)."""
     w = units[best]
     if not w.word:
         return None
-    inside = [i for i, u in enumerate(units) if not u.word and w.start <= u.start and u.end <= w.end
-              and scores[i] <= 1]
+    inside = [i for i, u in enumerate(units) if not u.word and u.replacement and w.start <= u.start
+              and u.end <= w.end and scores[i] <= 1]
     return min(inside, key=lambda i: scores[i]) if inside else None
 
 

@@ -254,3 +254,11 @@ def test_localisation_ablates_only_what_the_text_encoder_sees(detector, monkeypa
     assert detector._visible(prompt, units[:2], first_hidden)  # cutting words brings the next ones in
     detector.localise(prompt)  # found or refused (the twin's window holds more "blue"): its cost is what counts
     assert max(scored) < window  # one score per visible unit, not one per word of the prompt
+
+
+def test_a_format_character_inside_the_trigger_goes_with_its_word(detector):
+    # cutting the zero-width space alone would leave "newtrigger", a weaker spelling that can
+    # score under the threshold and still fire: the whole word goes
+    prompts = [f"new\u200btrigger {p}" for p in _prompts(6, 7000)]
+    for loc in (detector.localise(p) for p in prompts):
+        assert loc.found and "trigger" not in loc.clean_prompt, loc
