@@ -172,6 +172,24 @@ def test_a_failing_request_fails_alone():
     assert pipe.calls[0] == ["a", "boom", "b", "bad", "c"]
 
 
+def test_clients_get_the_output_checks_verdict_without_its_score():
+    from sau_kernels.report import SAUReport
+
+    class CheckedPipe(FakePipe):
+        def __call__(self, prompt, generator, output_type, **kw):
+            out = super().__call__(prompt, generator, output_type, **kw)
+            out.sau_report = SAUReport(mode="final", triggers=[TRIGGER], prompts=[
+                {"triggered": False, "output_check": [[{"trigger": TRIGGER, "score": 0.93, "suspect": i == 1}]]}
+                for i in range(len(prompt))])
+            return out
+
+    svc = ImageService(CheckedPipe(), defended=False, max_batch_rows=8)
+    first, second = svc.run([svc.plan({"prompt": p, "seed": 0}) for p in ("a", "b")])
+    assert first["report"]["output_check"] == [[{"trigger": TRIGGER, "suspect": False}]]
+    assert second["report"]["output_check"] == [[{"trigger": TRIGGER, "suspect": True}]]
+    assert second["report"]["suspect"] and "score" not in json.dumps(second["report"])
+
+
 def test_groups_and_budget_become_calls():
     pipe = FakePipe()
     svc = ImageService(pipe, defended=False, max_batch_rows=3, limits={"max_images": 2})

@@ -160,7 +160,7 @@ class RequestReport(BaseModel):
     clean_prompt: str | None = None
     detected: dict | None = None  # with a detector: flagged, and what it cut (no score)
     coverage: list[dict] = []  # per repaired image: trigger, image, primary, secondary (mask shares)
-    output_check: list[list[dict]] = []  # per image: each profile's score and verdict
+    output_check: list[list[dict]] = []  # per image: each profile's trigger and verdict (no score)
     suspect: bool = False  # an output carries a trigger's signature
     unscreened: bool = False
     defended: bool = True

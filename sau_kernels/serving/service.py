@@ -275,7 +275,10 @@ class ImageService:
     def _response(self, it: batching.Planned, images, report, sl: slice, call: _Call, serve_rows: int) -> dict:
         entries = report.prompts[sl] if report is not None else []
         coverage = [dict(c, image=j) for j, e in enumerate(entries) for c in e.get("coverage", [])]
-        output_check = [img for e in entries for img in e.get("output_check", [])]
+        # each image's verdict per trigger, without its score: an attacker would tune a spelling
+        # of the trigger until its output scores just under the check's threshold
+        output_check = [[{"trigger": c["trigger"], "suspect": c["suspect"]} for c in img]
+                        for e in entries for img in e.get("output_check", [])]
         body = {
             "id": it.id, "seed": it.seed, "seeds": batching.image_seeds(it.seed, it.num_images),
             "report": {
