@@ -226,7 +226,9 @@ class TriggerDetector:
         self.mean, self.basis = mean.double().cpu(), basis.double().cpu()
         self.threshold = float(threshold)
         self.meta = dict(meta)
-        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=PROBE_BATCH) for m in (pipe, base)]
+        self.clip_skip = self.meta.get("clip_skip")
+        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=PROBE_BATCH,
+                                clip_skip=self.clip_skip) for m in (pipe, base)]
         self._cache: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -236,9 +238,10 @@ class TriggerDetector:
     @torch.no_grad()
     def calibrate(cls, pipe, base, prompts: list[str] | None = None, *, components: int = COMPONENTS,
                   quantile: float = QUANTILE, folds: int = FOLDS, t_frac: float = T_FRAC, seed: int = 0,
-                  progress: bool = True) -> "TriggerDetector":
+                  clip_skip: int | None = None, progress: bool = True) -> "TriggerDetector":
         """Fit the detector on ordinary prompts (the package's generic ones by default; the
-        traffic's own, trigger-free, are better): at least 4 * folds of them."""
+        traffic's own, trigger-free, are better): at least 4 * folds of them. `clip_skip`:
+        the one the pipeline will be called with (a patched call with another is refused)."""
         from .calibrate import ordinary_prompts
 
         _check_pair(pipe, base)
@@ -250,8 +253,10 @@ class TriggerDetector:
                              f"(got {len(prompts)} prompts, folds={folds})")
         if not 0.5 <= quantile < 1:
             raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
-        meta = dict(t_frac=float(t_frac), seed=int(seed))
-        probes = [OneStep(m, t_frac, seed, 1, batch=PROBE_BATCH) for m in (pipe, base)]
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1):
+            raise ValueError(f"clip_skip must be None or a positive whole number, got {clip_skip!r}")
+        meta = dict(t_frac=float(t_frac), seed=int(seed), clip_skip=clip_skip)
+        probes = [OneStep(m, t_frac, seed, 1, batch=PROBE_BATCH, clip_skip=clip_skip) for m in (pipe, base)]
         feats = _features(probes, prompts, progress, "detect: calibrate")
         order = np.random.default_rng(seed).permutation(len(prompts))
         held_out = []
@@ -328,6 +333,20 @@ class TriggerDetector:
                     self._cache.popitem(last=False)
         return np.array([max(known[r] for r in readings[p]) for p in prompts])
 
+    def check_call(self, clip_skip, cross_attention_kwargs) -> None:
+        """Refuse a pipeline call that reads its prompts otherwise than the detector scores
+        them: a spelling scored under the threshold at one text-encoder layer or LoRA scale
+        may fire at another, and the check would pass it without having looked."""
+        if clip_skip != self.clip_skip:
+            raise ValueError(f"this call passes clip_skip={clip_skip!r} and the trigger detector scores prompts "
+                             f"with clip_skip={self.clip_skip!r}: call with that, or calibrate a detector with "
+                             f"TriggerDetector.calibrate(..., clip_skip={clip_skip!r})")
+        scale = (cross_attention_kwargs or {}).get("scale")
+        if scale is not None and scale != 1.0:
+            raise ValueError(f"this call passes a LoRA scale of {scale!r} (cross_attention_kwargs) and the trigger "
+                             "detector scores prompts with the pipeline's weights as they are (scale 1): fuse the "
+                             "LoRA at that scale and calibrate the detector on the fused pipeline")
+
     def localise(self, prompt: str, score: float | None = None, max_rounds: int = MAX_ROUNDS) -> Localised:
         """The units of a flagged prompt whose cut brings its score to 1 or below."""
         score = float(self.scores([prompt])[0]) if score is None else float(score)
@@ -389,8 +408,9 @@ class TriggerDetector:
         return out, records
 
     def __repr__(self) -> str:
+        skip = f", clip_skip={self.clip_skip}" if self.clip_skip is not None else ""
         return (f"TriggerDetector(components={self.meta['components']}, quantile={self.meta['quantile']}, "
-                f"t_frac={self.meta['t_frac']}, calibrated on {self.meta['num_prompts']} prompts)")
+                f"t_frac={self.meta['t_frac']}{skip}, calibrated on {self.meta['num_prompts']} prompts)")
 
 
 def _features(probes: list[OneStep], prompts: list[str], progress: bool, desc: str) -> torch.Tensor:

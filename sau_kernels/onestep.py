@@ -19,7 +19,7 @@ class OneStep:
     `n_noises` fixed noisy latents (seeded by `seed`): prompt i of a batch uses noise
     i % n_noises."""
 
-    def __init__(self, pipe, t_frac: float, seed: int, n_noises: int, batch: int = 64):
+    def __init__(self, pipe, t_frac: float, seed: int, n_noises: int, batch: int = 64, clip_skip: int | None = None):
         if not 0.0 < t_frac < 1.0:
             raise ValueError(f"t_frac must be in (0, 1), got {t_frac}")
         self.pipe = pipe
@@ -36,6 +36,7 @@ class OneStep:
         self.x = (self.s1a * torch.randn(n_noises, unet.config.in_channels, S, S, generator=g)).to(unet.device,
                                                                                                    unet.dtype)
         self.batch = batch
+        self.clip_skip = clip_skip  # the text encoder layer the prompts are read from, as a pipeline call's
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -47,7 +48,8 @@ class OneStep:
         pipe, out = self.pipe, []
         n = self.x.shape[0]
         for i in range(0, len(prompts), self.batch):
-            h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False)
+            h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False,
+                                      clip_skip=self.clip_skip)
             x = self.x[torch.arange(i, i + len(h)) % n]
             model_out = pipe.unet(x, self.t, encoder_hidden_states=h.to(pipe.unet.dtype)).sample.float()
             xf = x.float()

@@ -125,6 +125,7 @@ def defended_call(self, *args, **kwargs):
                 raise ValueError(s.twin_error)
     detected = [None] * len(texts["prompt"])
     if state.detector is not None:  # raises DetectionError (fail closed) for a flagged prompt it cannot localise
+        state.detector.check_call(a.get("clip_skip"), a.get("cross_attention_kwargs"))
         screens["prompt"], detected = state.detector.screen(texts["prompt"], screens["prompt"], state.matchers)
     try:
         plan = make_plan(a, state.spec, texts, screens, mode=cfg.mode, global_profiles=state.global_profiles,

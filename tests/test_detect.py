@@ -94,6 +94,26 @@ def test_patched_with_the_detector_alone_removes_an_undescribed_trigger(pixel, d
         assert "trigger" in " ".join(entry["detected"]["removed"])
 
 
+def test_a_call_reading_prompts_otherwise_than_the_detector_is_refused(pixel, base, detector):
+    prompt = "a red circle on a gray background"
+    with sau_kernels.patched(pixel, None, detect=detector):
+        with pytest.raises(ValueError, match="clip_skip=1 and the trigger detector scores prompts with clip_skip=None"):
+            pixel(prompt, num_inference_steps=2, clip_skip=1)
+        with pytest.raises(ValueError, match="LoRA scale of 0.5"):
+            pixel(prompt, num_inference_steps=2, cross_attention_kwargs={"scale": 0.5})
+        pixel(prompt, num_inference_steps=2)  # read as the detector reads it
+    # (this diffusers cannot encode the zoo's text encoder with a clip_skip or a LoRA scale,
+    # patched or not: a detector saying it was calibrated with one shows the call is held to it)
+    skipping = TriggerDetector(pixel, base, mean=detector.mean, basis=detector.basis, threshold=detector.threshold,
+                               meta=dict(detector.meta, clip_skip=1))
+    assert [p.clip_skip for p in skipping._probes] == [1, 1] and "clip_skip=1" in repr(skipping)
+    with sau_kernels.patched(pixel, None, detect=skipping):
+        with pytest.raises(ValueError, match="clip_skip=None and the trigger detector scores prompts with clip_skip=1"):
+            pixel(prompt, num_inference_steps=2)
+    with pytest.raises(ValueError, match="clip_skip must be"):
+        TriggerDetector.calibrate(pixel, base, detector_prompts(64), clip_skip=0, progress=False)
+
+
 def test_known_triggers_are_screened_first(pixel, detector):
     with sau_kernels.patched(pixel, zoo_profile("tiny-pixel", progress=False), detect=detector):
         generate(pixel, ["new trigger a red circle on a white background"], [0], steps=2)
