@@ -13,15 +13,18 @@ in-sample one). A prompt scoring above 1 is flagged.
 
 Localisation ablates each unit of a flagged prompt (every word; every run of format
 characters; every homoglyph, put back to the Latin letter it imitates) in one batched
-step and cuts the unit whose ablation lowers the score most, with the neighbouring words
-that lower it nearly as much (`_grow`), or, when it is a word, the homoglyph inside it that
-clears the score alone (`_inner_clearing`); while the rest still scores above 1 (a trigger
-written twice), the search goes on, for at most `max_rounds` rounds. The twin is the prompt without them
+step and finds the unit whose ablation lowers the score most. A homoglyph or format run is
+cut alone; a word, when a homoglyph inside it clears the score alone, loses only that
+homoglyph (`_inner_clearing`); else the word grows into the run of words whose score alone
+saturates (`_saturating_run`: a trigger's words each add much, a content word little);
+while the rest still scores above 1 (a trigger written twice), the search goes on, for at
+most `max_rounds` rounds. The twin is the prompt without them
 and must itself score 1 or below; otherwise the prompt is not localised, and a patched
 pipeline refuses it (`DetectionError`) rather than generate it undefended.
 
 Cost per call: two UNet rows per prompt (suspect and base, conditional only, one step)
-and two text encodings; a flagged prompt adds two rows per unit per round.
+and two text encodings; a flagged prompt adds two rows per unit per round, and two per
+run of words around the best one (at most ten).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
+from .scan import KEEP_SHORTER
 from .screening import Screened, _invisible, homoglyph_of, plain_spelling, screen_prompts
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
@@ -59,10 +63,9 @@ PROBE_BATCH = 64
 # Scores kept per detector (prompt -> score): a prompt re-scored (a batch retried request by
 # request, a localisation's twin) costs nothing, and its score does not depend on its batch.
 CACHE_SIZE = 4096
-# A word next to the best cut joins it when its own cut lowers the score by this share of
-# the best cut's drop. Chosen on 12 prompts of tiny-pixel and tiny-random-style (a second
-# trigger word drops it by 0.37-0.6 of the first, content words by 0.0-0.33).
-EXTEND_SHARE = 1 / 3
+# The longest trigger localisation cuts in one round, in words (a longer phrase loses its
+# further words only when the rest still scores above 1).
+SPAN_WORDS = 4
 
 
 class DetectionError(ValueError):
@@ -142,22 +145,31 @@ def _ablate(prompt: str, units: list[_Unit]) -> str:
     return " ".join(text.split()) if words else text
 
 
-def _grow(units: list[_Unit], scores: np.ndarray, best: int, current: float) -> list[_Unit]:
-    """The unit whose cut lowers the score most, with the words next to it whose own cut
-    lowers it by at least EXTEND_SHARE of that (a trigger of several words: cutting one
-    often clears the score, and the rest would stay in the twin). A homoglyph or a run of
-    format characters is cut alone."""
-    if not units[best].word:
-        return [units[best]]
+def _word_runs(units: list[_Unit], best: int) -> list[list[int]]:
+    """The runs of up to SPAN_WORDS consecutive words that hold word `best` (indexes into `units`)."""
     words = sorted((i for i, u in enumerate(units) if u.word), key=lambda i: units[i].start)
     pos = words.index(best)
-    floor = EXTEND_SHARE * (current - scores[best])
-    lo = hi = pos
-    while lo > 0 and current - scores[words[lo - 1]] >= floor:
-        lo -= 1
-    while hi + 1 < len(words) and current - scores[words[hi + 1]] >= floor:
-        hi += 1
-    return [units[i] for i in words[lo:hi + 1]]
+    runs = [words[a:b] for a in range(max(0, pos - SPAN_WORDS + 1), pos + 1)
+            for b in range(pos + 1, min(len(words), a + SPAN_WORDS) + 1)]
+    return sorted(runs, key=len)  # the best word alone first
+
+
+def _saturating_run(runs: list[list[int]], alone_scores: np.ndarray) -> list[int]:
+    """The trigger among word runs (`runs[0]` the best word alone): grown a word at a time, to
+    the side whose run scores higher alone, while the shorter run scores under KEEP_SHORTER
+    of the longer. A trigger's score saturates at its own words: a word of the trigger left
+    out drops it by much (the twin would keep that word), a content word added moves it by
+    little (the twin would lose that word)."""
+    score = {tuple(r): float(v) for r, v in zip(runs, alone_scores)}
+    run = runs[0]
+    while True:
+        wider = [r for r in runs if len(r) == len(run) + 1 and set(run) <= set(r)]
+        if not wider:
+            return run
+        best = max(wider, key=lambda r: score[tuple(r)])
+        if score[tuple(run)] >= KEEP_SHORTER * score[tuple(best)]:
+            return run
+        run = best
 
 
 def _inner_clearing(units: list[_Unit], scores: np.ndarray, best: int) -> int | None:
@@ -364,7 +376,14 @@ class TriggerDetector:
             if s[best] >= current:  # no cut lowers the score: nothing to localise
                 break
             inner = _inner_clearing(rest, s, best)
-            chosen += [rest[inner]] if inner is not None else _grow(rest, s, best, current)
+            if inner is not None:
+                chosen.append(rest[inner])
+            elif not rest[best].word:  # a homoglyph or a run of format characters goes alone
+                chosen.append(rest[best])
+            else:
+                runs = _word_runs(rest, best)
+                alone = self.scores([prompt[rest[r[0]].start:rest[r[-1]].end] for r in runs])
+                chosen += [rest[i] for i in _saturating_run(runs, alone)]
             twin = _ablate(prompt, chosen)
             current = float(self.scores([twin])[0])
             if current <= 1:
