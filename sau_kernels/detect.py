@@ -145,29 +145,29 @@ def _ablate(prompt: str, units: list[_Unit]) -> str:
     return " ".join(text.split()) if words else text
 
 
-def _word_runs(units: list[_Unit], best: int) -> list[list[int]]:
+def _word_runs(units: list[_Unit], best: int) -> list[tuple[int, ...]]:
     """The runs of up to SPAN_WORDS consecutive words that hold word `best` (indexes into `units`)."""
     words = sorted((i for i, u in enumerate(units) if u.word), key=lambda i: units[i].start)
     pos = words.index(best)
-    runs = [words[a:b] for a in range(max(0, pos - SPAN_WORDS + 1), pos + 1)
+    runs = [tuple(words[a:b]) for a in range(max(0, pos - SPAN_WORDS + 1), pos + 1)
             for b in range(pos + 1, min(len(words), a + SPAN_WORDS) + 1)]
     return sorted(runs, key=len)  # the best word alone first
 
 
-def _saturating_run(runs: list[list[int]], alone_scores: np.ndarray) -> list[int]:
+def _saturating_run(runs: list[tuple[int, ...]], alone_scores: np.ndarray) -> tuple[int, ...]:
     """The trigger among word runs (`runs[0]` the best word alone): grown a word at a time, to
     the side whose run scores higher alone, while the shorter run scores under KEEP_SHORTER
     of the longer. A trigger's score saturates at its own words: a word of the trigger left
     out drops it by much (the twin would keep that word), a content word added moves it by
     little (the twin would lose that word)."""
-    score = {tuple(r): float(v) for r, v in zip(runs, alone_scores)}
+    score = dict(zip(runs, alone_scores.tolist()))
     run = runs[0]
     while True:
         wider = [r for r in runs if len(r) == len(run) + 1 and set(run) <= set(r)]
         if not wider:
             return run
-        best = max(wider, key=lambda r: score[tuple(r)])
-        if score[tuple(run)] >= KEEP_SHORTER * score[tuple(best)]:
+        best = max(wider, key=score.get)
+        if score[run] >= KEEP_SHORTER * score[best]:
             return run
         run = best
 

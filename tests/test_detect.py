@@ -289,13 +289,13 @@ def test_a_cut_word_grows_into_the_run_whose_score_alone_saturates():
 
     units = prompt_units("a silver lining red circle")  # words 0..4
     runs = _word_runs(units, 2)  # every run of up to 4 words holding "lining", shortest first
-    assert runs[0] == [2] and {tuple(r) for r in runs} >= {(1, 2), (2, 3), (0, 1, 2, 3), (1, 2, 3, 4)}
+    assert runs[0] == (2,) and set(runs) >= {(1, 2), (2, 3), (0, 1, 2, 3), (1, 2, 3, 4)}
     assert all(2 in r and len(r) <= 4 for r in runs)
     alone = {(2,): 0.7, (1, 2): 3.0, (2, 3): 0.8, (0, 1, 2): 3.1, (1, 2, 3): 3.2}
-    scores = np.array([alone.get(tuple(r), 3.25) for r in runs])
-    assert _saturating_run(runs, scores) == [1, 2]  # "silver" adds much; "a" or "red" next to it little
-    weak = np.array([0.72 if tuple(r) == (1, 2) else 0.7 for r in runs])
-    assert _saturating_run(runs, weak) == [2]  # nothing adds: the word alone
+    scores = np.array([alone.get(r, 3.25) for r in runs])
+    assert _saturating_run(runs, scores) == (1, 2)  # "silver" adds much; "a" or "red" next to it little
+    weak = np.array([0.72 if r == (1, 2) else 0.7 for r in runs])
+    assert _saturating_run(runs, weak) == (2,)  # nothing adds: the word alone
 
 
 def test_both_words_of_a_two_word_trigger_are_cut_where_one_clears(detector):
