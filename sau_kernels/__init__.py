@@ -1,34 +1,60 @@
 """sau_kernels: Spatial Attention Unlearning for diffusers Stable Diffusion pipelines.
 
 Public API (see README.md): the fused repair op and its helpers, trigger profiles and
-calibration, and patching a pipeline.
+calibration, patching a pipeline, and the trigger detector.
 
-Importing the package registers the operator (torch.ops.sau.repair) and nothing more:
-triton is imported, and CUDA initialised, only when a backend needs them; diffusers loads
-with the first pipeline patched or calibrated.
+Importing the package imports nothing heavy, as `import diffusers` does: each name below
+loads its module, and torch, when first used, so that `sau-kernels --help`, a bad argument
+or the serving client answers without paying torch's import. The operator
+(`torch.ops.sau.repair`) is registered with the first use of `repair` (or of anything that
+repairs), or by `import sau_kernels.ops`; triton is imported, and CUDA initialised, only when
+a backend needs them; diffusers loads with the first pipeline patched or calibrated.
 """
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .ops import available_backends, repair, secondary_map
+# public name -> the module that defines it
+_EXPORTS = {
+    "available_backends": "ops", "repair": "ops", "secondary_map": "ops",
+    "TriggerProfile": "profile", "ProfileMismatchError": "profile",
+    "calibrate": "calibrate",
+    "patch": "pipeline", "unpatch": "pipeline", "patched": "pipeline", "SAUConfig": "pipeline",
+    "SAUReport": "pipeline", "SuspectOutputError": "pipeline",
+    "TriggerDetector": "detect", "DetectionError": "detect",
+}
 
-from .profile import ProfileMismatchError, TriggerProfile
-from .calibrate import calibrate  # the function shadows its module's name, as it always has
-from .pipeline import SAUConfig, SAUReport, SuspectOutputError, patch, patched, unpatch
-
-__all__ = [
-    "available_backends", "repair", "secondary_map",
-    "TriggerProfile", "ProfileMismatchError", "calibrate",
-    "patch", "unpatch", "patched", "SAUConfig", "SAUReport", "SuspectOutputError",
-    "TriggerDetector", "DetectionError",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name):
-    # the detector (and its tqdm and screening imports) loads when first named
-    if name in ("TriggerDetector", "DetectionError"):
-        from . import detect
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sau_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(detect, name)
-    raise AttributeError(f"module 'sau_kernels' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`sau_kernels.calibrate` is the function, although a module of that name exists: the
+    import system sets a submodule on its package when it first loads it (whoever imports
+    it, whenever), and this keeps the function in place."""
+
+    @property
+    def calibrate(self):
+        return importlib.import_module(".calibrate", __name__).calibrate
+
+    @calibrate.setter
+    def calibrate(self, value):  # the submodule being bound on first import: keep the function
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

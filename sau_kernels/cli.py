@@ -286,7 +286,7 @@ def _suspect_and_base_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     from . import __version__
-    from .pipeline import COMPOSITES, MODES, OUTPUT_CHECKS
+    from .modes import COMPOSITES, MODES, OUTPUT_CHECKS
 
     parser = ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

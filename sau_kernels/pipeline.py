@@ -30,11 +30,8 @@ import torch
 from .profile import ProfileMismatchError, TriggerProfile
 from .report import SAUReport, SuspectOutputError, last_report
 from .screening import TriggerMatcher, screen_prompts, trigger_token_ids
+from .modes import COMPOSITES, MODES, OUTPUT_CHECKS
 from .supported import PipelineSpec, UnsupportedPipelineError, spec_for
-
-MODES = ("final", "per_step", "per_step_eps", "strip")
-COMPOSITES = (None, "pixel")
-OUTPUT_CHECKS = ("flag", "raise", "off")
 
 # What measurement on held-out prompts and seeds chose (docs/results.md); the op's own
 # defaults stay the paper's.

@@ -522,6 +522,32 @@ def test_import_is_lazy():
     assert res.stdout.split() == ["False", "False", "False", "False", "True"], res.stdout
 
 
+def test_package_import_loads_names_on_first_use():
+    # `import sau_kernels` (and the command line's parser) import no torch; a name loads its
+    # module on first use; `calibrate` stays the function whichever module loads its module first.
+    code = (
+        "import sys, types\n"
+        "import sau_kernels as sk\n"
+        "from sau_kernels.cli import build_parser\n"
+        "build_parser()\n"
+        "print('torch' in sys.modules)\n"
+        "import sau_kernels.scan\n"  # imports the calibrate module before anyone named the function
+        "print(isinstance(sk.calibrate, types.FunctionType), sk.calibrate.__module__)\n"
+        "import torch\n"
+        "print(hasattr(torch.ops.sau, 'repair'))\n"
+        "sk.repair\n"
+        "print(hasattr(torch.ops.sau, 'repair'), sorted(set(sk.__all__) - set(dir(sk))))\n"
+        "try:\n"
+        "    sk.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "True", "sau_kernels.calibrate", "False", "True", "[]",
+                                  "AttributeError"], res.stdout
+
+
 # ---------------------------------------------------------------------------
 # Backend choice and bad input
 # ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class ImageService:
     def __init__(self, pipe, profiles=None, *, detector=None, mode: str = "final", modes: Sequence[str] | None = None,
                  defended: bool = True, max_batch_rows: int = 16, limits: dict | None = None, name: str = ""):
         import sau_kernels
-        from sau_kernels.pipeline import MODES
+        from sau_kernels.modes import MODES
         from sau_kernels.screening import TriggerMatcher
 
         self.pipe, self.name, self.defended = pipe, name, defended
