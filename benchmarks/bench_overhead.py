@@ -113,7 +113,7 @@ def import_time(quick: bool) -> dict:
             e = dict(env, TRITON_INTERPRET="1") if "TRITON_INTERPRET" in name else env
             res.setdefault(name, []).append(_run(timed.format(stmt=stmt), e))
     res = {name: _stats(s) for name, s in res.items()}
-    probe = ("import sys, torch, sau_kernels as sk; z = torch.zeros(1, 4, 8, 8); "
+    probe = ("import sys, torch, sau_kernels as sk, sau_kernels.ops; z = torch.zeros(1, 4, 8, 8); "
              "sk.repair(z, z, torch.zeros(4, 8, 8), torch.zeros(8, 8)); "
              "print(int('triton' in sys.modules), int('torch._dynamo' in sys.modules), "
              "int(torch.cuda.is_initialized()), 0)")

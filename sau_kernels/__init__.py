@@ -46,15 +46,23 @@ def __dir__():
 class _Package(types.ModuleType):
     """`sau_kernels.calibrate` is the function, although a module of that name exists: the
     import system sets a submodule on its package when it first loads it (whoever imports
-    it, whenever), and this keeps the function in place."""
+    it, whenever), and this keeps the function in place. Anything else set there (a test's
+    mock) is kept until deleted."""
 
     @property
     def calibrate(self):
+        if "_calibrate_set" in self.__dict__:
+            return self.__dict__["_calibrate_set"]
         return importlib.import_module(".calibrate", __name__).calibrate
 
     @calibrate.setter
-    def calibrate(self, value):  # the submodule being bound on first import: keep the function
-        pass
+    def calibrate(self, value):
+        if not isinstance(value, types.ModuleType):  # the submodule being bound on first import
+            self.__dict__["_calibrate_set"] = value
+
+    @calibrate.deleter
+    def calibrate(self):
+        self.__dict__.pop("_calibrate_set", None)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -541,11 +541,15 @@ def test_package_import_loads_names_on_first_use():
         "    sk.no_such_name\n"
         "except AttributeError as e:\n"
         "    print(type(e).__name__)\n"
+        "from unittest import mock\n"
+        "with mock.patch('sau_kernels.calibrate', len):\n"
+        "    print(sk.calibrate is len)\n"
+        "print(sk.calibrate.__module__)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "True", "sau_kernels.calibrate", "False", "True", "[]",
-                                  "AttributeError"], res.stdout
+                                  "AttributeError", "True", "sau_kernels.calibrate"], res.stdout
 
 
 # ---------------------------------------------------------------------------
