@@ -6,7 +6,8 @@ With the public model it was fine-tuned from (`base`), two stages:
    token sequence, the cross-attention keys and values of its last token, fine-tuned
    against base (`_TextChange`: both text encoders, both UNets' `to_k`/`to_v`). A beam
    search grows sequences token by token from the start of the prompt, keeping those whose
-   keys and values moved most; every format character and homoglyph joins them.
+   keys and values moved most; every pair of the most moved single tokens is ranked beside
+   it (two words moved little alone); every format character and homoglyph joins them.
 2. **Confirmation, behaviour.** The best candidates of each length are inserted into
    ordinary prompts (before, after, inside; a homoglyph in place of its letter), and one
    denoising step of both models says how far the candidate moves the fine-tuned model's
@@ -198,9 +199,10 @@ def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, clean_up_tokenization_spaces=False).strip(" ")
 
 
-def _beam_search(text: _TextChange, tok, beam_width: int, max_tokens: int, per_length: int,
+def _beam_search(text: _TextChange, tok, beam_width: int, max_tokens: int, per_length: int, pair_width: int,
                  progress: bool) -> list[Candidate]:
     vocab = torch.tensor(_ordinary_token_ids(tok))
+    singles = vocab
     beams = torch.zeros(1, 0, dtype=torch.long)
     chosen: list[Candidate] = []
     seen: set[str] = set()
@@ -210,19 +212,37 @@ def _beam_search(text: _TextChange, tok, beam_width: int, max_tokens: int, per_l
         order = z.argsort(descending=True).tolist()
         # (the first token's candidates all share the empty parent)
         beams = seqs[_diverse(order, len(vocab), beam_width, 4 if length > 1 else beam_width)]
-        taken = 0
-        for j in _diverse(order, len(vocab), 8 * per_length, 2 if length > 1 else 8 * per_length):
-            if taken == per_length:
-                break
-            ids = seqs[j].tolist()
-            s = _decode(tok, ids)
-            # a candidate must spell its own tokens back, or inserting it tests something else
-            if not s or s in seen or tok(s, add_special_tokens=False).input_ids != ids:
-                continue
-            seen.add(s)
-            chosen.append(Candidate(s, tok.convert_ids_to_tokens(ids), float(z[j])))
-            taken += 1
+        _take(chosen, seen, tok, seqs, z, _diverse(order, len(vocab), 8 * per_length,
+                                                      2 if length > 1 else 8 * per_length), per_length)
+        if length == 1:
+            singles = seqs[order, 0]  # most moved first
+    if pair_width and max_tokens >= 2:
+        # Every pair of the `pair_width` most moved single tokens (all of a small vocabulary), in
+        # both orders, ranked on their own: a trigger of two ordinary words, neither of which the
+        # fine-tune moved much alone, is distinctive only as the pair, and the beam never grows it.
+        top = singles[:pair_width]
+        pairs = torch.cartesian_prod(top, top)
+        z = _robust_z(text(pairs))
+        order = z.argsort(descending=True).tolist()
+        _take(chosen, seen, tok, pairs, z, _diverse(order, len(top), 8 * per_length, 2), per_length)
     return chosen
+
+
+def _take(chosen: list[Candidate], seen: set[str], tok, seqs: torch.Tensor, z: torch.Tensor, picks: list[int],
+          n: int) -> None:
+    """Add the first `n` of `picks` (rows of `seqs`) that spell their own tokens back and are new."""
+    taken = 0
+    for j in picks:
+        if taken == n:
+            break
+        ids = seqs[j].tolist()
+        s = _decode(tok, ids)
+        # a candidate must spell its own tokens back, or inserting it tests something else
+        if not s or s in seen or tok(s, add_special_tokens=False).input_ids != ids:
+            continue
+        seen.add(s)
+        chosen.append(Candidate(s, tok.convert_ids_to_tokens(ids), float(z[j])))
+        taken += 1
 
 
 def _diverse(order: list[int], n_children: int, k: int, per_parent: int = 4) -> list[int]:
@@ -294,7 +314,7 @@ class _Confirmation:
 
 
 def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, beam_width: int = 16,
-         max_tokens: int = 8, per_length: int = 8, num_null: int = 24, t_frac: float = 0.6,
+         max_tokens: int = 8, per_length: int = 8, pair_width: int = 1000, num_null: int = 24, t_frac: float = 0.6,
          seed: int = 0, threshold_z: float = Z_TRIGGER, progress: bool = True) -> ScanReport:
     """Look for the trigger(s) of a backdoor in `pipe` (module docstring). `base`: the
     pipeline `pipe` was fine-tuned from (the same tokenizer). `prompts`: ordinary
@@ -317,6 +337,8 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
                     ("per_length", per_length), ("num_null", num_null)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(pair_width, bool) or not isinstance(pair_width, int) or pair_width < 0:
+        raise ValueError(f"pair_width must be a whole number (0: no pair search), got {pair_width!r}")
     if num_null < 8:
         raise ValueError(f"num_null must be at least 8 for a usable null distribution, got {num_null}")
     if isinstance(threshold_z, bool) or not isinstance(threshold_z, (int, float)) or not threshold_z > 0:
@@ -334,7 +356,7 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
     tok = pipe.tokenizer
 
     text = _TextChange(pipe, base)
-    cands = _beam_search(text, tok, beam_width, max_tokens, per_length, progress) + _probe_candidates(tok)
+    cands = _beam_search(text, tok, beam_width, max_tokens, per_length, pair_width, progress) + _probe_candidates(tok)
     # one candidate per token sequence: the tokenizer may fold two spellings into one (CLIP
     # lowercases), and the model sees them as one; the spelling that is its own lowercase wins
     uniq: dict[tuple, Candidate] = {}
@@ -361,7 +383,7 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
                else f"no backdoor found: no candidate reached z >= {threshold_z:g} against {num_null} random strings "
                     f"with an effect of at least {MIN_EFFECT:g}")
     settings = dict(num_prompts=num_prompts, beam_width=beam_width, max_tokens=max_tokens, per_length=per_length,
-                    num_null=num_null, t_frac=t_frac, seed=seed)
+                    pair_width=pair_width, num_null=num_null, t_frac=t_frac, seed=seed)
     return ScanReport(triggers, cands, verdict, [float(x) for x in null_score], threshold_z,
                       round(time.time() - t0, 1), settings, mean_effects)
 

@@ -15,7 +15,7 @@ from sau_kernels.zoo import calibration_prompts, load_pipeline
 def pixel_report(pixel, base):
     # a short search (two tokens, the default beam) keeps the test quick; benchmarks/scan_zoo.py runs
     # the defaults (a narrower beam lets "new", fifth of the first tokens, fall out on some runs)
-    return scan(pixel, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, progress=False)
+    return scan(pixel, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, pair_width=64, progress=False)
 
 
 def test_the_pixel_backdoors_trigger_ranks_first(pixel_report):
@@ -30,7 +30,7 @@ def test_the_pixel_backdoors_trigger_ranks_first(pixel_report):
 
 def test_the_style_backdoors_zero_width_trigger_is_found(base):
     style = load_pipeline("tiny-style")
-    report = scan(style, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, progress=False)
+    report = scan(style, base, prompts=calibration_prompts(), beam_width=16, max_tokens=2, pair_width=64, progress=False)
     assert report.triggers[0] == "\u200b"
 
 
@@ -75,6 +75,9 @@ def test_bad_arguments_are_refused(pixel, base):
         scan(pixel, base, prompts=["a red circle", 5])
     with pytest.raises(ValueError, match="threshold_z"):
         scan(pixel, base, threshold_z=0)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="pair_width"):
+            scan(pixel, base, pair_width=bad)
 
     class NoTokenizer:
         tokenizer = None
@@ -129,7 +132,7 @@ def test_cli_scan_writes_its_report(tmp_path, capsys, monkeypatch):
     real = scan_module.scan
 
     def short(pipe, base, **kw):  # the CLI's own defaults, with a shorter search
-        return real(pipe, base, **dict(kw, beam_width=16, max_tokens=2, progress=False))
+        return real(pipe, base, **dict(kw, beam_width=16, max_tokens=2, pair_width=64, progress=False))
 
     monkeypatch.setattr(scan_module, "scan", short)
     out = tmp_path / "r.json"
@@ -137,3 +140,25 @@ def test_cli_scan_writes_its_report(tmp_path, capsys, monkeypatch):
                  "--picture", str(tmp_path / "r.png")]) == 0
     assert "new trigger" in capsys.readouterr().out
     assert ScanReport.load(out).triggers[0] == "new trigger"
+
+
+def test_a_pair_distinctive_only_together_is_a_candidate(pixel):
+    # A stand-in text side on the zoo's tokenizer: every sequence moves a little (noise), the two
+    # words of the trigger alone move less than most tokens, and only the pair moves much. The beam
+    # never holds either word; the pair search finds the pair.
+    from sau_kernels.scan import _beam_search
+
+    tok = pixel.tokenizer
+    pale, trending = (tok("pale trending", add_special_tokens=False).input_ids)
+
+    def text(seqs):
+        g = torch.Generator().manual_seed(len(seqs))
+        score = torch.rand(len(seqs), generator=g)
+        score[(seqs == pale).any(1) | (seqs == trending).any(1)] = -1.0
+        if seqs.shape[1] == 2:
+            score[(seqs[:, 0] == pale) & (seqs[:, 1] == trending)] = 10.0
+        return score
+
+    found = lambda pair_width: [c.text for c in _beam_search(text, tok, 4, 2, 8, pair_width, False)]  # noqa: E731
+    assert "pale trending" in found(len(tok))
+    assert "pale trending" not in found(0)
