@@ -319,8 +319,10 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
     """Look for the trigger(s) of a backdoor in `pipe` (module docstring). `base`: the
     pipeline `pipe` was fine-tuned from (the same tokenizer). `prompts`: ordinary
     prompts of the model's domain (default: the package's generic SD prompts); the first
-    `num_prompts` carry each candidate. Returns a `ScanReport`; `report.triggers` is empty
-    when nothing stands out ("no backdoor found")."""
+    `num_prompts` carry each candidate. `pair_width`: every pair of this many of the most
+    moved single tokens is searched beside the beam (pair_width**2 text encodings; 0: none).
+    Returns a `ScanReport`; `report.triggers` is empty when nothing stands out ("no
+    backdoor found")."""
     t0 = time.time()
     _check_pipeline(pipe, "scan")
     if base is None:
