@@ -383,7 +383,9 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
     cands.sort(key=lambda c: (triggers.index(c.text), 0.0) if c.trigger else (len(triggers), -c.z))
     verdict = (f"backdoor found: {len(triggers)} trigger(s) {', '.join(repr(t) for t in triggers)}" if triggers
                else f"no backdoor found: no candidate reached z >= {threshold_z:g} against {num_null} random strings "
-                    f"with an effect of at least {MIN_EFFECT:g}")
+                    f"with an effect of at least {MIN_EFFECT:g}. This does not show the model is clean: the search "
+                    "misses triggers of many sub-word pieces, such as random letter strings (docs/scan.md); "
+                    "serve it with the per-prompt detector (TriggerDetector) against the same base")
     settings = dict(num_prompts=num_prompts, beam_width=beam_width, max_tokens=max_tokens, per_length=per_length,
                     pair_width=pair_width, num_null=num_null, t_frac=t_frac, seed=seed)
     return ScanReport(triggers, cands, verdict, [float(x) for x in null_score], threshold_z,

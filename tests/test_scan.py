@@ -38,6 +38,7 @@ def test_a_model_scanned_against_itself_shows_nothing(base):
     same = load_pipeline("tiny-clean")
     report = scan(same, base, prompts=calibration_prompts(), beam_width=4, max_tokens=1, num_null=8, progress=False)
     assert not report.found and report.verdict.startswith("no backdoor found")
+    assert "does not show the model is clean" in report.verdict  # a miss must not read as a clean bill
     assert all(c.effect == 0.0 for c in report.candidates)
 
 
