@@ -8,6 +8,12 @@ fires the model's backdoor in full generations (20 DDIM steps, the zoo's judges)
 the planted trigger's own rate: a reported string that fires is a real trigger of the
 model, planted or not. Models without a backdoor (backdoor.json lists none) are negative
 controls: any reported trigger is a false positive.
+
+With `--defend N`, what the scan is for: per planted trigger, N held-out prompts carrying
+it where its attack puts it, generated unpatched and patched with the profile calibrated
+(64 pairs, `sau_kernels.calibrate`) on the scan's first reported trigger, and on the
+planted trigger itself when that differs: of the images that show the backdoor unpatched,
+the share that no longer do.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import time
 import numpy as np
 import torch
 
+import sau_kernels
 from sau_kernels.calibrate import default_positions, poisoned_prompt
 from sau_kernels.scan import scan
 from sau_kernels.zoo import backdoor_info, calibration_prompts, load_pipeline
+from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases, place
 from sau_kernels.zoo.metrics import is_grayscale, patch_present
 
 
@@ -37,6 +45,22 @@ def fire_rate(pipe, info: dict, backdoor: dict, text: str, prompts: list[str], s
         judge_info = dict(info, **{k: backdoor[k] for k in ("corner", "patch") if k in backdoor})
         return float(np.mean(patch_present(images, judge_info)))
     return float(np.mean(is_grayscale(images)))
+
+
+def removal(pipe, backdoor: dict, triggers: list[str], n: int, seed: int = 5000) -> dict:
+    """Per trigger to defend with: the share of `n` held-out prompts carrying `backdoor`'s own
+    trigger, firing unpatched, that the pipeline patched with that trigger's profile no
+    longer fires on."""
+    prompts = place([c.prompt for c in held_out_cases(n, start=seed, varied=True)], backdoor, seed)
+    seeds = list(range(seed, seed + n))
+    fired = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
+    out = {"fired": int(fired.sum()), "removed": {}}
+    for t in triggers:
+        profile = sau_kernels.calibrate(pipe, t, calibration_prompts(), per_step=False, progress=False)
+        with sau_kernels.patched(pipe, profile):
+            still = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
+        out["removed"][t] = float((fired & ~still).sum() / max(int(fired.sum()), 1))
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -55,11 +79,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def defence_markdown(rows: list[dict]) -> str:
+    """Removal of each planted trigger, defended with the scan's first reported trigger."""
+    lines = ["| model | planted trigger (fired unpatched) | the scan's first trigger: removal | the planted trigger: removal |",
+             "|---|---|---|---|"]
+    for r in rows:
+        for p in r["planted"]:
+            d = p.get("defended")
+            if d is None:
+                continue
+            first = r["triggers"][0] if r["triggers"] else None
+            scanned = f"{first!r}: {d['removed'][first]:.0%}" if first else "none reported: 0%"
+            lines.append(f"| {r['model']} | {p['trigger']!r} ({d['fired']}) | {scanned} | "
+                         f"{d['removed'][p['trigger']]:.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*")
     ap.add_argument("--base", default="tiny-clean", help="the public model all zoo models descend from")
     ap.add_argument("--fire-prompts", type=int, default=16, help="generations per firing rate")
+    ap.add_argument("--defend", type=int, default=0, metavar="N",
+                    help="also measure removal of each planted trigger on N prompts, defended with the profile of the "
+                         "scan's first reported trigger (and of the planted one)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, metavar="JSON", help="print the table of a saved run and stop")
     args = ap.parse_args(argv)
@@ -69,6 +112,8 @@ def main(argv=None) -> int:
             with open(path) as f:
                 rows += json.load(f)["rows"]
         print(markdown(rows))
+        if any("defended" in p for r in rows for p in r["planted"]):
+            print("\n" + defence_markdown(rows))
         return 0
     prompts = calibration_prompts()
     held_out = prompts[len(prompts) // 2:][: args.fire_prompts]
@@ -90,6 +135,10 @@ def main(argv=None) -> int:
         for t in report.triggers[:6]:
             row["reported_fire"][t] = {b["trigger"]: fire_rate(pipe, info, b, t, held_out) for b in planted} \
                 if planted else None
+        if args.defend:
+            for p, b in zip(row["planted"], planted):
+                p["defended"] = removal(pipe, b, list(dict.fromkeys(report.triggers[:1] + [b["trigger"]])),
+                                        args.defend)
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
     if args.json:
