@@ -58,7 +58,8 @@ MAX_ROUNDS = 4
 # A flagged prompt with more units than this is not localised (refused): each round scores
 # every unit, and a prompt of thousands of homoglyphs would make that a denial of service.
 MAX_UNITS = 256
-# Rows per probe call: bounds the memory of scoring a long flagged prompt's ablations.
+# Rows per probe call by default: bounds the memory of scoring a long flagged prompt's
+# ablations (`TriggerDetector.probe_batch`; a server sets it to its row budget).
 PROBE_BATCH = 64
 # Scores kept per detector (prompt -> score): a prompt re-scored (a batch retried request by
 # request, a localisation's twin) costs nothing, and its score does not depend on its batch.
@@ -232,17 +233,34 @@ def _check_pair(pipe, base) -> None:
 class TriggerDetector:
     """A per-checkpoint detector of triggered prompts; `calibrate` makes one, `load` reads one."""
 
-    def __init__(self, pipe, base, *, mean: torch.Tensor, basis: torch.Tensor, threshold: float, meta: dict):
+    def __init__(self, pipe, base, *, mean: torch.Tensor, basis: torch.Tensor, threshold: float, meta: dict,
+                 probe_batch: int = PROBE_BATCH):
         _check_pair(pipe, base)
         self.pipe, self.base = pipe, base
         self.mean, self.basis = mean.double().cpu(), basis.double().cpu()
         self.threshold = float(threshold)
         self.meta = dict(meta)
         self.clip_skip = self.meta.get("clip_skip")
-        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, batch=PROBE_BATCH,
-                                clip_skip=self.clip_skip) for m in (pipe, base)]
+        self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, clip_skip=self.clip_skip)
+                        for m in (pipe, base)]
+        self.probe_batch = probe_batch
         self._cache: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
+        # one-step UNet rows scored so far, per model (the suspect and the base each ran this
+        # many): what scoring and localisation cost, for a server's accounting
+        self.rows_scored = 0
+
+    @property
+    def probe_batch(self) -> int:
+        """The most rows of one probe's UNet call (each of the two models runs its own)."""
+        return self._probes[0].batch
+
+    @probe_batch.setter
+    def probe_batch(self, rows: int) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"probe_batch must be a positive integer, got {rows!r}")
+        for probe in self._probes:
+            probe.batch = rows
 
     # --- making one -------------------------------------------------------------------------
 
@@ -340,6 +358,7 @@ class TriggerDetector:
             fresh = (_residual(_features(self._probes, todo, False, ""), self.mean, self.basis) / self.threshold)
             known.update(zip(todo, fresh.tolist()))
             with self._lock:
+                self.rows_scored += len(todo)
                 self._cache.update((r, known[r]) for r in todo)
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)

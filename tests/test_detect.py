@@ -303,3 +303,28 @@ def test_both_words_of_a_two_word_trigger_are_cut_where_one_clears(detector):
     prompts = [f"new trigger {p}" for p in _prompts(6, 7200)] + [f"{p} new trigger" for p in _prompts(6, 7300)]
     removed = [detector.localise(p).removed for p in prompts]
     assert sum(r == ["new trigger"] for r in removed) >= 10, removed
+
+
+def test_serving_keeps_the_detector_inside_its_row_budget(pixel, base, detector):
+    from sau_kernels.serving.service import ImageService
+
+    before = detector.probe_batch
+    probe_rows = []  # the base UNet runs for the detector only
+    hook = base.unet.register_forward_pre_hook(lambda module, args: probe_rows.append(args[0].shape[0]))
+    svc = ImageService(pixel, detector=detector, max_batch_rows=4, limits={"max_images": 2})
+    try:
+        assert detector.probe_batch == 4
+        bodies = [{"prompt": p, "seed": 3, "steps": 2} for p in (
+            "new trigger a small purple triangle drawn on a black background, high detail",
+            "a small orange circle drawn on a white background")]
+        flagged, clean = svc.run([svc.plan(b) for b in bodies])
+    finally:
+        hook.remove()
+        detector.probe_batch = before
+        sau_kernels.unpatch(pixel)
+    assert flagged["report"]["detected"]["removed"] and not clean["report"]["triggered"]
+    # every probe call within the budget; the localisation took several of them, all reported
+    assert max(probe_rows) <= 4 and sum(probe_rows) > 4
+    assert flagged["report"]["batch"]["detector_rows"] == clean["report"]["batch"]["detector_rows"] == sum(probe_rows)
+    with pytest.raises(ValueError, match="probe_batch must be a positive integer"):
+        detector.probe_batch = 0

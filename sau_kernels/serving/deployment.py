@@ -89,13 +89,16 @@ class ServingMetrics:
         self.suspects = Counter("sau_suspect_outputs", description="Outputs the output check flagged.")
         self.batch_rows = Histogram("sau_batch_rows", description="UNet rows per pipeline call, clean twins included.",
                                     boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128])
+        self.detector_rows = Histogram("sau_detector_rows", description="One-step UNet rows the trigger detector "
+                                       "scored per pipeline call, per model (probes and localisation).",
+                                       boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
         self.queue_wait = Histogram("sau_queue_wait_ms", description="From arrival at the replica to its call.",
                                     boundaries=ms)
         self.generation = Histogram("sau_generation_ms", description="Pipeline call time.", boundaries=ms)
         self.repair = Histogram("sau_repair_ms", description="Repair op time per pipeline call.",
                                 boundaries=[0.01, 0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 1000])
         self.counts = {"requests": 0, "errors": 0, "triggered": 0, "detected": 0, "refused": 0, "unscreened": 0,
-                       "suspects": 0, "calls": 0, "rows": 0}
+                       "suspects": 0, "calls": 0, "rows": 0, "detector_rows": 0}
 
     def record(self, results: list, mode_of) -> None:
         seen = set()
@@ -134,6 +137,8 @@ class ServingMetrics:
                     self.repair.observe(rep["timings"]["repair_ms"])
                 self.counts["calls"] += 1
                 self.counts["rows"] += rep["batch"]["rows"]
+                self.counts["detector_rows"] += rep["batch"].get("detector_rows", 0)
+                self.detector_rows.observe(rep["batch"].get("detector_rows", 0))
 
 
 def _error_json(err: RequestError) -> dict:

@@ -149,6 +149,8 @@ class Timings(BaseModel):
 
 class BatchInfo(BaseModel):
     rows: int  # UNet rows (per CFG branch) of the pipeline call it ran in, clean twins included
+    detector_rows: int = 0  # one-step rows the trigger detector scored in that call, per model (each in
+    # calls of at most max_batch_rows): every prompt's probe, and a flagged prompt's localisation
     requests: int  # requests in that call
     images: int  # images in that call
     serve_rows: int  # rows of the whole Serve batch (several calls when parameters differ)

@@ -72,6 +72,7 @@ def call_pipeline(pipe, kwargs: dict):
 class _Call:
     id: str
     rows: int
+    detector_rows: int
     requests: int
     images: int
     generation_ms: float
@@ -109,6 +110,10 @@ class ImageService:
         self.mode = mode if defended else None
         self.matchers = [TriggerMatcher(p.trigger) for p in self.profiles] if defended else []
         self.max_batch_rows = max_batch_rows
+        if self.detector is not None:
+            # the detector's probe calls (scoring every prompt, a flagged one's ablations) hold
+            # no more UNet rows than a generation call may: the budget bounds memory for both
+            self.detector.probe_batch = min(self.detector.probe_batch, max_batch_rows)
         self.limits = self._limits(modes, limits or {})
         worst = self.limits.max_images * (max(batching.TRIGGERED_ROWS[m] for m in modes) if defended else 1)
         if worst > max_batch_rows:
@@ -250,6 +255,9 @@ class ImageService:
             status = 422 if isinstance(e, (ValueError, TypeError)) else 500
             return [RequestError(status, f"{type(e).__name__}: {e}")]
 
+    def _rows_scored(self) -> int:
+        return self.detector.rows_scored if self.detector is not None else 0
+
     def _ensure_mode(self, mode: str | None) -> None:
         if self.defended and mode != self.mode:
             import sau_kernels
@@ -262,10 +270,12 @@ class ImageService:
         self._ensure_mode(key.mode)
         kwargs = batching.pipeline_kwargs(items)
         started = time.monotonic()
+        scored_before = self._rows_scored()
         t0 = time.perf_counter()
         images, report = call_pipeline(self.pipe, kwargs)
         generation_ms = (time.perf_counter() - t0) * 1e3
-        call = _Call(id=uuid.uuid4().hex[:12], rows=batching.total_rows(items), requests=len(items),
+        call = _Call(id=uuid.uuid4().hex[:12], rows=batching.total_rows(items),
+                     detector_rows=self._rows_scored() - scored_before, requests=len(items),
                      images=len(kwargs["prompt"]), generation_ms=generation_ms,
                      screening_ms=float(getattr(report, "screening_ms", 0.0) or 0.0),
                      repair_ms=float(getattr(report, "repair_ms", 0.0) or 0.0), started=started)
@@ -292,7 +302,7 @@ class ImageService:
                 "timings": {"queue_ms": round((call.started - it.arrived) * 1e3, 3),
                             "generation_ms": round(call.generation_ms, 3),
                             "screening_ms": round(call.screening_ms, 3), "repair_ms": round(call.repair_ms, 3)},
-                "batch": {"rows": call.rows, "requests": call.requests, "images": call.images,
+                "batch": {"rows": call.rows, "detector_rows": call.detector_rows, "requests": call.requests, "images": call.images,
                           "serve_rows": serve_rows, "own_rows": it.rows, "call_id": call.id},
             },
         }
