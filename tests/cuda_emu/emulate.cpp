@@ -60,16 +60,12 @@ void run_serial(unsigned blocks, unsigned threads, F kernel) {
     }
 }
 
-template <typename T>
-void run(const void* zp, const void* zc, const float* delta, const float* act, void* out,
-         float* cov, const SauRepairParams& p) {
-  if (cov != nullptr)
-    run_serial(coverage_blocks(p), COVERAGE_THREADS, [&] { sau_coverage_zero(cov, p); });
-  const dim3 grid = grid_for(p);
+// Every block of a grid, one after another, each with its threads running at once.
+template <typename F>
+void run_blocks(dim3 grid, dim3 block, F kernel) {
   emu::grid_dim = grid;
-  emu::block_dim = dim3(BLOCK_X, BLOCK_Y);
-  const int nthreads = BLOCK_X * BLOCK_Y;
-  if (smem_bytes(p.radius) > sizeof(smem)) throw std::runtime_error("shared memory over 48 KiB");
+  emu::block_dim = block;
+  const int nthreads = (int)(block.x * block.y);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -80,12 +76,31 @@ void run(const void* zp, const void* zc, const float* delta, const float* act, v
         for (int t = 0; t < nthreads; ++t)
           threads.emplace_back([&, t] {
             emu::block_idx = make_uint3(x, y, z);
-            emu::thread_idx = make_uint3(t % BLOCK_X, t / BLOCK_X, 0);
-            sau_repair_kernel<T>(static_cast<const T*>(zp), static_cast<const T*>(zc), delta, act,
-                                 static_cast<T*>(out), cov, p);
+            emu::thread_idx = make_uint3(t % block.x, t / block.x, 0);
+            kernel();
           });
         for (auto& th : threads) th.join();
       }
+}
+
+// As the launcher: the kernel `vectorised_path` chooses, between the coverage kernels.
+template <typename T>
+void run(bool vectorised, const void* zp, const void* zc, const float* delta, const float* act, void* out,
+         float* cov, const SauRepairParams& p) {
+  const T* zp_t = static_cast<const T*>(zp);
+  const T* zc_t = static_cast<const T*>(zc);
+  T* out_t = static_cast<T*>(out);
+  if (cov != nullptr)
+    run_serial(coverage_blocks(p), COVERAGE_THREADS, [&] { sau_coverage_zero(cov, p); });
+  const size_t smem_needed = vectorised ? vec_smem_bytes<T>(p.C, p.radius) : smem_bytes(p.radius);
+  if (smem_needed > sizeof(smem)) throw std::runtime_error("shared memory over 48 KiB");
+  if (vectorised) {
+    const VecKernel<T> kernel = vec_kernel_for<T>(p.radius);
+    run_blocks(vec_grid_for(p), dim3(VTHREADS), [&] { kernel(zp_t, zc_t, delta, act, out_t, cov, p); });
+  } else {
+    run_blocks(grid_for(p), dim3(BLOCK_X, BLOCK_Y),
+               [&] { sau_repair_kernel<T>(zp_t, zc_t, delta, act, out_t, cov, p); });
+  }
   if (cov != nullptr)
     run_serial(coverage_blocks(p), COVERAGE_THREADS, [&] { sau_coverage_finish(cov, p); });
 }
@@ -93,12 +108,13 @@ void run(const void* zp, const void* zc, const float* delta, const float* act, v
 }  // namespace
 
 // ctypes entry point: sizes, element strides (z_p, z_c, out: 4 each; then the
-// coverage's 2), parameters. `cov` may be null.
+// coverage's 2), parameters. `cov` may be null. `*vectorised` receives which
+// kernel ran (1: the vectorised one).
 extern "C" int sau_emu_repair(int dtype, const void* zp, const void* zc, const float* delta,
                               const float* act, void* out, float* cov, const int64_t* sizes,
                               const int64_t* strides, float tau1, float tau2, float k, float alpha,
                               float blur_sigma, int blur_ksize, int blend, int similarity,
-                              int has_gate, float gate) {
+                              int has_gate, float gate, int* vectorised) {
   SauRepairParams p{};
   p.B = sizes[0], p.C = sizes[1], p.H = sizes[2], p.W = sizes[3];
   for (int d = 0; d < 4; ++d) {
@@ -110,11 +126,13 @@ extern "C" int sau_emu_repair(int dtype, const void* zp, const void* zc, const f
   p.cov_stride[1] = strides[13];
   sau_init_params(&p, tau1, tau2, k, alpha, blur_sigma, blur_ksize, blend, similarity, has_gate,
                   gate);
+  const bool vec = vectorised_path(dtype, zp, zc, delta, act, out, p);
+  *vectorised = vec;
   try {
     switch (dtype) {
-      case SAU_FLOAT32: run<float>(zp, zc, delta, act, out, cov, p); break;
-      case SAU_FLOAT16: run<__half>(zp, zc, delta, act, out, cov, p); break;
-      case SAU_BFLOAT16: run<__nv_bfloat16>(zp, zc, delta, act, out, cov, p); break;
+      case SAU_FLOAT32: run<float>(vec, zp, zc, delta, act, out, cov, p); break;
+      case SAU_FLOAT16: run<__half>(vec, zp, zc, delta, act, out, cov, p); break;
+      case SAU_BFLOAT16: run<__nv_bfloat16>(vec, zp, zc, delta, act, out, cov, p); break;
       default: return 1;
     }
   } catch (...) {
