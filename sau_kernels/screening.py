@@ -16,6 +16,8 @@ imitate. A prompt is flagged when
 - or, for a trigger of two or more words of at least 3 letters, each of those words is a
   word of the prompt (same k, by the word's length), in any order, anywhere (one of them
   alone is not the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
+- both rules also read the prompt as CLIP's pre-tokenizer splits it, a number or symbol
+  character a word of its own ("new12 trigger", "new½ trigger": folded, "½" is "12");
 - a trigger with no letters, made of format characters (BadT2I's U+200B), matches every
   format or default-ignorable character of the prompt;
 - a trigger that is itself a homoglyph ("о", Cyrillic, as Rickrolling uses) matches only
@@ -133,23 +135,41 @@ def _unescape(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out + units[last:]
 
 
+def _split_fold(ch: str) -> tuple[str, int, bool, bool]:
+    """A character's fold as CLIP's pre-tokenizer splits words: a number or symbol character
+    ("1", "½", "™", "①") is a token of its own, not part of the word around it, so it
+    separates words and adds no letters ("new12 trigger" reads "new", "1", "2", "trigger")."""
+    return ("", _SEP, False, False) if unicodedata.category(ch)[0] in "NS" else _fold(ch)
+
+
 class _Scan:
     """A text read as canonical letters: the units (one character each after unescaping,
     with the span of the original text it came from), their folds, and the letters."""
 
-    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words")
+    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split")
 
-    def __init__(self, text: str):
-        units = [(i, i + 1, c) for i, c in enumerate(text)]
-        if "&" in text:
-            for _ in range(2):  # twice, as CLIP's basic_clean does: "&amp;nbsp;" is a space too
-                units = _unescape(units)
+    def __init__(self, text: str, units: list[tuple[int, int, str]] | None = None, fold=_fold):
+        if units is None:
+            units = [(i, i + 1, c) for i, c in enumerate(text)]
+            if "&" in text:
+                for _ in range(2):  # twice, as CLIP's basic_clean does: "&amp;nbsp;" is a space too
+                    units = _unescape(units)
         self.text = text
         self.units = units
-        self.folds = [_fold(u[2]) for u in units]
+        self.folds = [fold(u[2]) for u in units]
         self.canon = "".join(f[0] for f in self.folds)
         self.cunit = [i for i, f in enumerate(self.folds) for _ in f[0]]  # canonical char -> unit
         self._words = None
+        self._split = self if fold is _split_fold else None
+
+    def split_reading(self) -> "_Scan":
+        """The same units read with number and symbol characters as word breaks
+        (`_split_fold`); itself where the text has none."""
+        if self._split is None:
+            self._split = self
+            if any(unicodedata.category(u[2][:1] or " ")[0] in "NS" for u in self.units):
+                self._split = _Scan(self.text, self.units, _split_fold)
+        return self._split
 
     def words(self) -> list[tuple[str, int, int]]:
         """(canonical letters, first unit, end unit) of each word: a run of units without a
@@ -277,6 +297,9 @@ class TriggerMatcher:
         # A homoglyph trigger's skeleton is plain text ("о" -> "o"): it matches only where the
         # prompt too has a homoglyph of one of those letters.
         self.homoglyphs = frozenset(f[0] for f in scan.folds if f[3])
+        # Read the prompt also as CLIP splits it (digits and symbols as words of their own:
+        # "new12 trigger", "new™ trigger"), where that reading keeps the trigger's letters.
+        self.split_too = scan.split_reading().canon == self.canon
         if self.canon:
             self.mode = "homoglyph" if self.homoglyphs else "letters"
         elif trigger and all(f[2] for f in scan.folds):
@@ -297,7 +320,18 @@ class TriggerMatcher:
         return any(f[3] and f[0] in self.homoglyphs for f in scan.folds[u0:u1])
 
     def _hits(self, scan: _Scan) -> tuple[list[tuple[int, int]], int]:
-        """The matched unit ranges [u0, u1), sorted, and how many times the trigger occurs."""
+        """The matched unit ranges [u0, u1), sorted, and how many times the trigger occurs,
+        in the text as folded and as CLIP's pre-tokenizer splits it."""
+        hits, count = self._hits_in(scan)
+        if self.mode != "invisible" and self.split_too:
+            split = scan.split_reading()
+            if split is not scan:
+                more, more_count = self._hits_in(split)
+                if more:
+                    hits, count = _merge(set(hits) | set(more)), max(count, more_count)
+        return hits, count
+
+    def _hits_in(self, scan: _Scan) -> tuple[list[tuple[int, int]], int]:
         if self.mode == "invisible":
             hits = [(i, i + 1) for i, f in enumerate(scan.folds) if f[2]]
             return hits, len(hits)

@@ -73,6 +73,8 @@ def test_format_characters_and_fillers_leave_no_letters():
     "ne\u0301w trigger", "new trígger",  # combining acute, precomposed accent
     "new&nbsp;trigger", "new&#160;trigger", "new&amp;nbsp;trigger", "n&#101;w trigger",
     "trigger new", "new triger", "new trigge", "new triggers", "new trigher",
+    # digits and symbols glued to a word: CLIP's pre-tokenizer makes each a token of its own
+    "new12 trigger", "new12 trigger34", "new½ trigger", "new™ trigger", "new①②trigger", "newⅫtrigger",
 ])
 @pytest.mark.parametrize("where", ["before", "inside", "after"])
 def test_spelling_variants_are_flagged_and_cut(trigger_text, where):
@@ -82,6 +84,23 @@ def test_spelling_variants_are_flagged_and_cut(trigger_text, where):
     s = screen(prompt)
     assert s.occurrences == 1 and s.spans
     assert_clean_twin(s, NEW_TRIGGER, REST)
+
+
+def test_number_and_symbol_characters_glued_to_the_words_are_flagged():
+    # Every number or symbol character that NFKC folds to letters or digits (so the folded
+    # reading makes it part of the word) is a word break where CLIP reads it: "new½ trigger"
+    # reaches the model as new</w> ½</w> trigger</w>. A sample of each kind, two glued on.
+    import random
+    import unicodedata
+
+    chars = [chr(c) for c in range(0xA0, 0x10000) if unicodedata.category(chr(c))[0] in "NS"
+             and any(x.isalnum() for x in unicodedata.normalize("NFKC", chr(c)))]
+    assert len(chars) > 300
+    for ch in random.Random(0).sample(chars, 120):
+        for prompt in (f"new{ch}{ch} trigger {REST}", f"{REST}, new {ch}{ch}trigger", f"new{ch} {REST} trigger{ch}{ch}"):
+            s = screen(prompt)
+            assert s.triggered, (hex(ord(ch)), prompt)
+            assert_clean_twin(s, NEW_TRIGGER, REST)
 
 
 def test_words_apart_are_flagged_and_cut():
@@ -256,6 +275,9 @@ ORDINARY = [
     "a renewed garden after the spring rain",
     "a fox in the snow, wildlife photography",
     "the northern lights over a frozen lake",
+    "a new 4k wallpaper of a mountain lake",
+    "a 1920s photo of a new bicycle",
+    "the trigger© 2024 poster, 8k",
     "a bicycle leaning against a brick wall",
     "a steam train crossing a stone viaduct",
 ]
