@@ -47,6 +47,14 @@ def test_untriggered_and_undefended_prompts_cost_one_row_per_image():
     assert batching.count_rows(MATCHERS, prompts, [1, 2, 2], None) == [(1, False), (2, False), (2, False)]
 
 
+def test_a_trigger_in_the_negative_prompt_costs_its_twin_too():
+    # the patched pipeline twins an image whose negative prompt carries the trigger
+    prompts, negatives = ["a red circle"] * 3, [None, "blurry", "new-trigger, blurry"]
+    assert batching.count_rows(MATCHERS, prompts, [2, 2, 2], "final", negatives) == [(2, False), (2, False), (4, True)]
+    with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
+        batching.count_rows(MATCHERS, prompts, [1, 1, 1], "final", negatives[:2])
+
+
 def test_total_rows_is_the_batch_size():
     assert batching.total_rows([planned(0, rows=2), planned(1), planned(2, rows=4, num_images=2)]) == 7
 
@@ -297,3 +305,18 @@ def test_triggered_requests_are_repaired_untriggered_are_the_unpatched_image(chi
     assert not any(any(p) for p in child_result["patch"])
     offline = child_result["same_as_offline_unpatched"]
     assert [offline[i] for i in (0, 2, 4)] == [True, True, True], child_result
+
+
+def test_planned_rows_are_the_rows_the_pipeline_runs():
+    # a trigger in the negative prompt too: the budget must hold what the call really runs
+    from sau_kernels.serving.service import ImageService
+
+    svc = ImageService.load("tiny-pixel", warmup=False, batch_invariant=False, max_batch_rows=16)
+    bodies = [{"prompt": "a red circle", "negative_prompt": "new trigger, blurry", "seed": 1, "steps": 2,
+               "num_images": 2},
+              {"prompt": "a blue square", "negative_prompt": "blurry", "seed": 2, "steps": 2}]
+    items = [svc.plan(b) for b in bodies]
+    assert [it.rows for it in items] == [4, 1]
+    first, second = svc.run(items)
+    assert svc.pipe.sau_report.rows == sum(it.rows for it in items)
+    assert first["report"]["triggered"] and not second["report"]["triggered"]

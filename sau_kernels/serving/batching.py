@@ -1,7 +1,7 @@
 """How requests become pipeline calls: plain functions, no Ray.
 
 A Serve batch holds requests in arrival order, up to a budget of UNet rows. The rows a
-request costs: one per image, and for a triggered prompt the clean twin's too (modes
+request costs: one per image, and for a triggered prompt (or negative prompt) the clean twin's too (modes
 "final", "per_step", "per_step_eps": 2 per image; "strip": 1). Requests that share what one
 pipeline call must share (`GroupKey`: steps, guidance scale, size, mode, output type) run
 in one call; each image is its own entry of the call's prompt list with its own
@@ -56,16 +56,23 @@ class Planned:
 
 
 def count_rows(matchers: Sequence[TriggerMatcher], prompts: Sequence[str], num_images: Sequence[int],
-               mode: str | None) -> list[tuple[int, bool]]:
+               mode: str | None, negative_prompts: Sequence[str | None] | None = None) -> list[tuple[int, bool]]:
     """(UNet rows, triggered) per prompt: what it will cost in a pipeline call.
 
     The one place the batch budget is computed: the screen here is the engine's own
-    (`screen_prompts`), so a prompt the patched pipeline will twin is counted twice."""
+    (`screen_prompts`), on the text fields the engine screens (a trigger in the negative
+    prompt gets its image a twin too), so a prompt the patched pipeline will twin is
+    counted twice."""
     if mode is None or not matchers:
         return [(n, False) for n in num_images]
     screened = screen_prompts(list(matchers), list(prompts))
+    negatives = list(negative_prompts or [None] * len(screened))
+    if len(negatives) != len(screened):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(screened)} prompts")
+    negative_hit = [s.triggered for s in screen_prompts(list(matchers), [n or "" for n in negatives])]
     per_image = TRIGGERED_ROWS[mode]
-    return [(n * per_image, True) if s.triggered else (n, False) for s, n in zip(screened, num_images)]
+    return [(n * per_image, True) if s.triggered or neg else (n, False)
+            for s, neg, n in zip(screened, negative_hit, num_images)]
 
 
 def total_rows(items: Sequence[Planned]) -> int:

@@ -212,10 +212,13 @@ class ImageService:
         if self.defended:
             from sau_kernels.screening import screen_prompts
 
-            twin_error = next((s.twin_error for s in screen_prompts(self.matchers, [req.prompt]) if s.twin_error), None)
-            if twin_error:
-                raise RequestError(422, f"prompt: {twin_error}")
-        (rows, triggered), = batching.count_rows(self.matchers, [req.prompt], [req.num_images], req.mode)
+            for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+                twin_error = next((s.twin_error for s in screen_prompts(self.matchers, [text or ""]) if s.twin_error),
+                                  None)
+                if twin_error:
+                    raise RequestError(422, f"{field}: {twin_error}")
+        (rows, triggered), = batching.count_rows(self.matchers, [req.prompt], [req.num_images], req.mode,
+                                                 [req.negative_prompt])
         key = batching.GroupKey(steps=req.steps, guidance_scale=float(req.guidance_scale), height=req.height,
                                 width=req.width, mode=req.mode, output_type="latent" if req.output == "latent" else "pil")
         return batching.Planned(id=request_id or uuid.uuid4().hex, prompt=req.prompt, negative_prompt=req.negative_prompt,
