@@ -16,6 +16,7 @@ in two threads, never see each other's rows.
 from __future__ import annotations
 
 import contextvars
+import warnings
 
 import torch
 
@@ -132,12 +133,23 @@ def _change_mask(z_p, z_c, plan, profiles, cfg) -> torch.Tensor:
     return w
 
 
+def uncheckable_outputs(state, latents: torch.Tensor) -> str | None:
+    """Why the output check cannot score latents of this shape (the signature holds for the
+    profiles' latent shape only), or None."""
+    if tuple(latents.shape[1:]) != state.profiles[0].latent_shape:
+        return f"the latents are {tuple(latents.shape[1:])}, the profiles' {state.profiles[0].latent_shape}"
+    return None
+
+
 def score_outputs(state, report, latents: torch.Tensor, n_images: int) -> None:
     """The output check of the final latents, where the profiles' latent shape is theirs
-    (at another size the signature does not apply: the report says the check did not run)."""
-    if tuple(latents.shape[1:]) != state.profiles[0].latent_shape:
-        report.output_check_skipped = (f"the latents are {tuple(latents.shape[1:])}, the profiles' "
-                                       f"{state.profiles[0].latent_shape}")
+    (at another size the signature does not apply: the report says the check did not run,
+    and a warning too)."""
+    why = uncheckable_outputs(state, latents)
+    if why is not None:
+        report.output_check_skipped = why
+        warnings.warn(f"sau_kernels: the output check did not run on this call ({why}): its outputs are "
+                      "screened but unchecked; output_check='raise' refuses such calls", stacklevel=2)
         return
     report.add_output_scores(_signature_scores(state, latents), n_images, state.checks, state.profiles)
 
@@ -158,6 +170,11 @@ class FinalLatentsWatch:
         self.state, self.report, self.n, self.user_cb = state, report, n_images, user_cb
 
     def __call__(self, pipe, i, t, kwargs):
+        if i == 0 and self.state.config.output_check == "raise":
+            why = uncheckable_outputs(self.state, kwargs["latents"])
+            if why is not None:  # refused before the rest of the sampling, not returned unchecked
+                raise ProfileMismatchError(f"output_check='raise' cannot check this call's outputs ({why}): "
+                                           "generate at the calibrated size or calibrate at this one")
         out = dict(self.user_cb(pipe, i, t, kwargs) or {}) if self.user_cb is not None else {}
         if i == pipe.num_timesteps - 1:
             score_outputs(self.state, self.report, out.get("latents", kwargs["latents"]), self.n)

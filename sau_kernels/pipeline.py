@@ -207,6 +207,9 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
     output_check: "flag" scores every output, the screened-through ones included, against
     each profile's trigger signature (`sau_kernels.output_check`) and marks the suspects in
     the report; "raise" raises `SuspectOutputError` instead of returning them; "off".
+    The signature holds at the profiles' latent size only: at another size an untriggered
+    call's outputs go unchecked ("flag": `report.output_check_skipped` says why, and a
+    warning) or the call is refused ("raise": `ProfileMismatchError` at its first step).
     Patching twice is harmless (the second patch replaces the first); `unpatch(pipe)`
     restores the pipeline exactly. repair_params are those of `sau_kernels.repair`;
     unnamed ones take the measured defaults `DEFAULT_REPAIR`, then the op's.

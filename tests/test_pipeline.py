@@ -379,6 +379,25 @@ def test_output_check_catches_what_the_screen_cannot_see(pipe, profile, info, po
     assert rep.suspects == [0, 1] and "signature" in str(rep)
 
 
+def test_outputs_the_check_cannot_score_are_reported_or_refused(pipe, profile):
+    """At another latent size the signature does not apply: an untriggered call's outputs
+    go unchecked, said in the report and a warning ("flag"), or the call is refused ("raise")."""
+    size = 2 * pipe.vae_scale_factor * profile.latent_shape[-1]
+    call = dict(generator=gens(SEEDS[:1]), num_inference_steps=2, height=size, width=size, output_type="latent")
+    sau_kernels.patch(pipe, profile)
+    with pytest.warns(UserWarning, match="output check did not run"):
+        pipe(PROMPTS[:1], **call)
+    assert "the profiles'" in pipe.sau_report.output_check_skipped and pipe.sau_report.suspects == []
+    sau_kernels.patch(pipe, profile, output_check="raise")
+    steps = []
+    with pytest.raises(sau_kernels.ProfileMismatchError, match="cannot check this call's outputs"):
+        pipe(PROMPTS[:1], **dict(call, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}))
+    assert steps == []  # refused at its first step, before the user's callback saw one
+    sau_kernels.patch(pipe, profile, output_check="raise")
+    pipe(PROMPTS[:1], **dict(call, height=None, width=None))  # at the profile's size it runs
+    assert pipe.sau_report.output_check_skipped is None
+
+
 def test_patch_rejects_bad_output_check(pipe, profile):
     with pytest.raises(ValueError, match="output_check"):
         sau_kernels.patch(pipe, profile, output_check="maybe")
