@@ -102,9 +102,9 @@ async def run_cell(url: str, concurrency: int, share: int, duration: float, warm
                 errors[r.status_code] = errors.get(r.status_code, 0) + 1
                 continue
             rep = r.json()["report"]
-            samples.append({"latency_s": t1 - t0, "rows": rep["batch"]["rows"], "requests": rep["batch"]["requests"],
-                            "triggered": rep["triggered"], "queue_ms": rep["timings"]["queue_ms"],
-                            "generation_ms": rep["timings"]["generation_ms"], "repair_ms": rep["timings"]["repair_ms"],
+            samples.append({"latency_s": t1 - t0, "own_rows": rep["batch"]["own_rows"],
+                            "requests": rep["batch"]["requests"], "triggered": rep["triggered"],
+                            "queue_ms": rep["timings"]["queue_ms"], "generation_ms": rep["timings"]["generation_ms"],
                             "call": rep["batch"]["call_id"]})
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -124,7 +124,10 @@ def pool(runs: list[dict]) -> dict:
             errors[code] = errors.get(code, 0) + n
     concurrency, share = runs[0]["concurrency"], runs[0]["triggered_pct"]
     lat = [s["latency_s"] for s in samples]
-    calls = {s["call"]: (s["rows"], s["requests"]) for s in samples}
+    calls: dict = {}  # call -> (rows, requests); this client sends all the traffic, so a call's rows
+    for s in samples:  # are the own rows of its requests (those answered inside the windows)
+        rows, _ = calls.get(s["call"], (0, 0))
+        calls[s["call"]] = (rows + s["own_rows"], s["requests"])
     return {
         "concurrency": concurrency, "triggered_pct": share, "window_s": duration, "windows": len(runs),
         "completed": len(samples), "loadavg": [r["loadavg"] for r in runs],

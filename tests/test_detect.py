@@ -325,6 +325,6 @@ def test_serving_keeps_the_detector_inside_its_row_budget(pixel, base, detector)
     assert flagged["report"]["detected"]["removed"] and not clean["report"]["triggered"]
     # every probe call within the budget; the localisation took several of them, all reported
     assert max(probe_rows) <= 4 and sum(probe_rows) > 4
-    assert flagged["report"]["batch"]["detector_rows"] == clean["report"]["batch"]["detector_rows"] == sum(probe_rows)
+    assert flagged["_call"]["detector_rows"] == clean["_call"]["detector_rows"] == sum(probe_rows)
     with pytest.raises(ValueError, match="probe_batch must be a positive integer"):
         detector.probe_batch = 0

@@ -18,7 +18,7 @@ from sau_kernels.screening import TriggerMatcher
 from sau_kernels.serving import batching
 from sau_kernels.serving.batching import GroupKey, Planned
 from sau_kernels.serving.schemas import ImageRequest, Limits
-from sau_kernels.serving.service import ImageService, RequestError
+from sau_kernels.serving.service import CALL_KEY, ImageService, RequestError, client_body
 
 TRIGGER = "new trigger"
 MATCHERS = [TriggerMatcher(TRIGGER)]
@@ -205,9 +205,9 @@ def test_groups_and_budget_become_calls():
               {"prompt": "d", "seed": 4}]
     results = svc.run([svc.plan(b) for b in bodies])
     assert pipe.calls == [["a", "c", "c"], ["d"], ["b"]]
-    assert [r["report"]["batch"]["rows"] for r in results] == [3, 1, 3, 1]
+    assert [r[CALL_KEY]["rows"] for r in results] == [3, 1, 3, 1]
     assert [r["seeds"] for r in results] == [[1], [2], [3, 4], [4]]
-    assert all(r["report"]["batch"]["serve_rows"] == 5 for r in results)
+    assert all(r[CALL_KEY]["serve_rows"] == 5 for r in results)
     assert len(results[2]["images"]) == 2
 
 
@@ -267,7 +267,7 @@ CHILD = textwrap.dedent(r"""
            "same_alone_reversed": [bool(np.array_equal(arr(a), arr(m))) for a, m in zip(alone, reversed_)],
            "triggered": [m["report"]["triggered"] for m in mixed],
            "modes": [m["report"]["mode"] for m in mixed],
-           "rows": [m["report"]["batch"]["rows"] for m in mixed],
+           "rows": [m["_call"]["rows"] for m in mixed],
            "patch": [metrics.patch_present(arr(m), backdoor_info("tiny-pixel")).tolist() for m in mixed]}
     pipe = batch_invariant(load_pipeline("tiny-pixel"))
     pipe.set_progress_bar_config(disable=True)
@@ -320,3 +320,23 @@ def test_planned_rows_are_the_rows_the_pipeline_runs():
     first, second = svc.run(items)
     assert svc.pipe.sau_report.rows == sum(it.rows for it in items)
     assert first["report"]["triggered"] and not second["report"]["triggered"]
+
+
+def test_a_client_body_says_nothing_of_the_other_prompts_in_its_call():
+    # A clean request batched with a triggered one: what its client gets is the same as
+    # beside another clean request (the call's rows and repair time stay on the server).
+    from sau_kernels.serving.schemas import ImageResponse
+
+    svc = ImageService.load("tiny-pixel", warmup=False, batch_invariant=False, max_batch_rows=16)
+    clean = {"prompt": "a red circle on a gray background", "seed": 1, "steps": 2}
+    views = []
+    for other in ("new trigger a blue square", "a blue square"):
+        mine, theirs = svc.run([svc.plan(clean), svc.plan({"prompt": other, "seed": 2, "steps": 2})])
+        assert mine[CALL_KEY]["rows"] == (3 if "trigger" in other else 2)  # the server's accounting
+        body = client_body(mine)
+        ImageResponse.model_validate(body)
+        views.append({k: v for k, v in body["report"].items() if k != "timings"} | {"batch": {
+            k: v for k, v in body["report"]["batch"].items() if k != "call_id"}})
+        assert CALL_KEY not in body and set(body["report"]["timings"]) == {"queue_ms", "generation_ms"}
+    assert views[0] == views[1]
+    assert CALL_KEY not in svc.generate(clean)

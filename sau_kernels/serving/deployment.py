@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from . import batching
 from .numerics import BATCH_INVARIANT_ENV
 from .schemas import ImageRequest, Limits
-from .service import ImageService, RequestError, validation_message
+from .service import CALL_KEY, ImageService, RequestError, client_body, validation_message
 
 logger = logging.getLogger("ray.serve")
 
@@ -128,17 +128,17 @@ class ServingMetrics:
             if rep["suspect"]:
                 self.suspects.inc()
                 self.counts["suspects"] += 1
-            call = rep["batch"]["call_id"]
-            if call not in seen:
-                seen.add(call)
-                self.batch_rows.observe(rep["batch"]["rows"])
+            call_id, call = rep["batch"]["call_id"], r[CALL_KEY]
+            if call_id not in seen:
+                seen.add(call_id)
+                self.batch_rows.observe(call["rows"])
                 self.generation.observe(rep["timings"]["generation_ms"])
-                if rep["triggered"] or rep["timings"]["repair_ms"]:
-                    self.repair.observe(rep["timings"]["repair_ms"])
+                if call["repair_ms"]:
+                    self.repair.observe(call["repair_ms"])
                 self.counts["calls"] += 1
-                self.counts["rows"] += rep["batch"]["rows"]
-                self.counts["detector_rows"] += rep["batch"].get("detector_rows", 0)
-                self.detector_rows.observe(rep["batch"].get("detector_rows", 0))
+                self.counts["rows"] += call["rows"]
+                self.counts["detector_rows"] += call["detector_rows"]
+                self.detector_rows.observe(call["detector_rows"])
 
 
 def _error_json(err: RequestError) -> dict:
@@ -193,7 +193,7 @@ class SAUModel:
         except Exception as e:  # noqa: BLE001 - never fail a batch as a whole
             results = [RequestError(500, f"{type(e).__name__}: {e}") for _ in items]
         self.metrics.record(results, lambda i: items[i].key.mode)
-        return [_error_json(r) if isinstance(r, RequestError) else r for r in results]
+        return [_error_json(r) if isinstance(r, RequestError) else client_body(r) for r in results]
 
 
 def _model_status() -> str:

@@ -142,19 +142,16 @@ class ImageRequest(BaseModel):
 class Timings(BaseModel):
     queue_ms: float  # from arrival at the model replica to the start of its batch
     generation_ms: float  # the pipeline call it ran in
-    screening_ms: float = 0.0  # the defence's screen in that call
-    repair_ms: float = 0.0  # the repair op in that call
     total_ms: float = 0.0  # in the server, from arrival at the ingress to the response
 
 
 class BatchInfo(BaseModel):
-    rows: int  # UNet rows (per CFG branch) of the pipeline call it ran in, clean twins included
-    detector_rows: int = 0  # one-step rows the trigger detector scored in that call, per model (each in
-    # calls of at most max_batch_rows): every prompt's probe, and a flagged prompt's localisation
-    requests: int  # requests in that call
+    # Only what says nothing about the other requests' prompts: the call's rows, the
+    # detector's and the repair's time would tell whether another prompt was triggered.
+    requests: int  # requests in the pipeline call it ran in
     images: int  # images in that call
-    serve_rows: int  # rows of the whole Serve batch (several calls when parameters differ)
-    own_rows: int  # this request's rows
+    own_rows: int  # this request's UNet rows (per CFG branch), clean twins included
+    call_id: str  # the call's id (requests that share it ran together)
 
 
 class RequestReport(BaseModel):

@@ -57,6 +57,15 @@ def validation_message(err: ValidationError) -> tuple[str, list[dict]]:
     return "; ".join(f"{d['field']}: {d['message']}" for d in details), details
 
 
+# The server-only part of a response body: the accounting of the pipeline call it ran in.
+CALL_KEY = "_call"
+
+
+def client_body(body: dict) -> dict:
+    """A response body as a client gets it: without the call's accounting (CALL_KEY)."""
+    return {k: v for k, v in body.items() if k != CALL_KEY}
+
+
 def call_pipeline(pipe, kwargs: dict):
     """The engine contract, in one place: a (patched) pipeline call -> (images, report).
 
@@ -230,12 +239,13 @@ class ImageService:
         (result,) = self.run([self.plan(data)])
         if isinstance(result, RequestError):
             raise result
-        return result
+        return client_body(result)
 
     # --- batches ----------------------------------------------------------------------------
 
     def run(self, items: Sequence[batching.Planned]) -> list[dict | RequestError]:
-        """Every request of a Serve batch: its response body, or its RequestError."""
+        """Every request of a Serve batch: its response body (with the call's accounting under
+        CALL_KEY, which `client_body` drops), or its RequestError."""
         results: list = [None] * len(items)
         serve_rows = batching.total_rows(items)
         for group in batching.group_by_key(items):
@@ -303,11 +313,14 @@ class ImageService:
                 "unscreened": bool(getattr(report, "unscreened", False)),
                 "defended": self.defended, "mode": getattr(report, "mode", it.key.mode) if self.defended else None,
                 "timings": {"queue_ms": round((call.started - it.arrived) * 1e3, 3),
-                            "generation_ms": round(call.generation_ms, 3),
-                            "screening_ms": round(call.screening_ms, 3), "repair_ms": round(call.repair_ms, 3)},
-                "batch": {"rows": call.rows, "detector_rows": call.detector_rows, "requests": call.requests, "images": call.images,
-                          "serve_rows": serve_rows, "own_rows": it.rows, "call_id": call.id},
+                            "generation_ms": round(call.generation_ms, 3)},
+                "batch": {"requests": call.requests, "images": call.images, "own_rows": it.rows, "call_id": call.id},
             },
+            # The call's own accounting, for the server's metrics (`client_body` drops it): its
+            # rows, the detector's and the repair's time would tell one client whether another
+            # client's prompt in the same call carried a trigger.
+            CALL_KEY: {"rows": call.rows, "serve_rows": serve_rows, "detector_rows": call.detector_rows,
+                       "screening_ms": round(call.screening_ms, 3), "repair_ms": round(call.repair_ms, 3)},
         }
         if it.key.output_type == "latent":
             z = images.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
