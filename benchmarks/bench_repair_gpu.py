@@ -6,7 +6,8 @@
 Three parts, each provider first checked against the eager reference:
 
 1. throughput per shape: eager reference, torch.compile of the reference, triton and cuda
-   (and each with return_coverage=True), against a device-to-device copy moving the same
+   (and each with return_coverage=True; "cuda-general": the CUDA launcher's general kernel,
+   chosen by inputs one element off 16 bytes, beside the vectorised one), against a device-to-device copy moving the same
    bytes as the op (read z_p and z_c, write out) and an empty kernel launch. The big shapes
    (256x4x128x128 fp16, 64x4x128x128 fp32) say how close the kernels are to the copy floor.
 2. call overhead at SD size (1x4x64x64 fp16): sau_kernels.repair, torch.ops.sau.repair called
@@ -49,6 +50,13 @@ def _inputs(shape, dtype, device):
     z_p = z_c + torch.randn(B, C, H, W, generator=g)
     delta, act = torch.randn(C, H, W, generator=g), torch.rand(H, W, generator=g)
     return [t.to(device) for t in (z_p.to(dtype), z_c.to(dtype), delta, act)]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a storage one element off 16 bytes: the CUDA launcher then runs its
+    general kernel instead of the vectorised one (same math), for an A/B of the two."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buf[1:].view(t.shape).copy_(t)
 
 
 def _moved(args) -> int:
@@ -151,6 +159,9 @@ def main() -> int:
         for b in backends:
             fns[b] = lambda b=b: sk.repair(*args, backend=b)
             fns[f"{b}+cov"] = lambda b=b: sk.repair(*args, backend=b, return_coverage=True)[0]
+        if "cuda" in backends:  # the general kernel on the same values (inputs off 16 bytes)
+            general = [_misaligned(a) for a in args[:2]] + args[2:]
+            fns["cuda-general"] = lambda: sk.repair(*general, backend="cuda")
         timings = {}
         for name, fn in fns.items():
             got = fn()
