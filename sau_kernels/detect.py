@@ -418,31 +418,41 @@ class TriggerDetector:
         return len(tok(head, add_special_tokens=False).input_ids) < tok.model_max_length - 2
 
     def screen(self, prompts: list[str], screened: list[Screened], matchers):
-        """The screen's verdicts with the detector's added: every prompt the known triggers
-        did not match is scored; a flagged one gets the localised twin (re-screened for the
-        known triggers), from which a patched pipeline generates it. Returns (verdicts, per
-        prompt the detection record or None). Raises DetectionError for a flagged prompt it
-        cannot localise."""
-        todo = [i for i, s in enumerate(screened) if not s.triggered]
-        scores = self.scores([prompts[i] for i in todo])
+        """The screen's verdicts with the detector's added. Every prompt is scored: one the
+        known triggers did not match as written, one they matched through its clean twin (a
+        prompt can carry a known trigger and one nobody described, and the twin still holds
+        the second). A flagged text gets its localised twin (re-screened for the known
+        triggers), from which a patched pipeline generates the prompt. Returns (verdicts, per
+        prompt the detection record). Raises DetectionError for a flagged text it cannot
+        localise."""
+        texts = [s.clean_prompt if s.triggered else p for p, s in zip(prompts, screened)]
         out, records = list(screened), [None] * len(prompts)
-        for i, score in zip(todo, scores):
+        for i, score in enumerate(self.scores(texts)):
+            known = screened[i].triggered
+            which = {"scored": "clean twin"} if known else {}
             if score <= 1:
-                records[i] = {"score": float(score)}
+                records[i] = {"score": float(score), **which}
                 continue
-            loc = self.localise(prompts[i], score)
+            loc = self.localise(texts[i], score)
+            what = f"the clean twin {texts[i]!r} of prompt {prompts[i]!r}" if known else f"prompt {prompts[i]!r}"
             if not loc.found:
                 raise DetectionError(
-                    f"prompt {prompts[i]!r} looks triggered to the detector (the checkpoint changes its output "
-                    f"unlike the ordinary prompts the detector was calibrated on) and no part of it could be "
-                    f"localised as the trigger: refused rather than generated undefended (if prompts like it are "
-                    f"ordinary traffic, calibrate the detector on such prompts too)", float(score))
+                    f"{what} looks triggered to the detector (the checkpoint changes its output unlike the "
+                    f"ordinary prompts the detector was calibrated on) and no part of it could be localised as the "
+                    f"trigger: refused rather than generated undefended (if prompts like it are ordinary traffic, "
+                    f"calibrate the detector on such prompts too)", float(score))
             (again,) = screen_prompts(matchers, [loc.clean_prompt])
             if again.triggered:  # a cut that joined pieces of a known trigger
-                raise DetectionError(f"the detector's twin of prompt {prompts[i]!r} holds a known trigger: "
-                                     f"{loc.clean_prompt!r}; refused")
-            out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, (), detected=True)
-            records[i] = loc.to_dict()
+                raise DetectionError(f"the detector's twin of {what} holds a known trigger: {loc.clean_prompt!r}; "
+                                     "refused")
+            if known:  # both cuts: generated from the text without either trigger
+                s = screened[i]
+                out[i] = Screened(prompts[i], True, s.occurrences + len(loc.spans), s.spans, loc.clean_prompt, None,
+                                  s.triggers, detected=True)
+            else:
+                out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, (),
+                                  detected=True)
+            records[i] = {**loc.to_dict(), **which}
         return out, records
 
     def __repr__(self) -> str:

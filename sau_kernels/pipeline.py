@@ -85,7 +85,7 @@ class _State:
     signature: inspect.Signature
     checks: list  # per profile: its output-check signature (weights, clean_mean, norm, threshold), or None
     global_profiles: set = field(default_factory=set)  # indexes of the profiles without a fixed pattern (styles)
-    detector: object = None  # a TriggerDetector: prompts no known trigger matched are scored by it
+    detector: object = None  # a TriggerDetector: scores each prompt (a known trigger's match: its clean twin)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
@@ -214,7 +214,7 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
     restores the pipeline exactly. repair_params are those of `sau_kernels.repair`;
     unnamed ones take the measured defaults `DEFAULT_REPAIR`, then the op's.
     detect: a `sau_kernels.TriggerDetector` calibrated for this pipeline (docs/detect.md):
-    every prompt no profile's trigger matches is scored; a flagged one is generated from
+    every prompt is scored (one a profile's trigger matches: its clean twin); a flagged one is generated from
     the prompt with the localised trigger cut out (its record in the report's "detected"),
     and one the detector cannot localise raises `DetectionError`. With `detect`, `profile`
     may be None.

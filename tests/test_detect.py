@@ -94,6 +94,23 @@ def test_patched_with_the_detector_alone_removes_an_undescribed_trigger(pixel, d
         assert "trigger" in " ".join(entry["detected"]["removed"])
 
 
+def test_a_prompt_with_a_known_trigger_has_its_twin_scored(pixel, detector, backdoor):
+    # A known trigger (U+200B, any format character) tripped on purpose: its clean twin still
+    # carries the trigger nobody described, and must not be generated as it is.
+    known = zoo_profile("tiny-style")  # a U+200B profile of the same latent shape, from another model
+    prompts = ["\u2060new trigger a red circle on a gray background", "\u2060a blue square on a white background"]
+    with sau_kernels.patched(pixel, known, detect=detector, allow_mismatch=True):
+        images = generate(pixel, prompts, [0, 1], batch_size=2)
+        flagged, clean = pixel.sau_report.prompts
+    assert not backdoor_fires(images[:1], backdoor).any()
+    assert flagged["action"] == "strip" and flagged["triggers"] == ["\u200b"] and flagged["detected"]["scored"] == "clean twin"
+    assert flagged["clean_prompt"] == "a red circle on a gray background"
+    assert "trigger" in " ".join(flagged["detected"]["removed"])
+    # the other one: its twin scores clean, and it is defended as the known trigger says
+    assert clean["clean_prompt"] == "a blue square on a white background" and clean["triggers"] == ["\u200b"]
+    assert set(clean["detected"]) == {"score", "scored"} and clean["detected"]["score"] <= 1
+
+
 def test_a_call_reading_prompts_otherwise_than_the_detector_is_refused(pixel, base, detector):
     prompt = "a red circle on a gray background"
     with sau_kernels.patched(pixel, None, detect=detector):
@@ -118,7 +135,9 @@ def test_known_triggers_are_screened_first(pixel, detector):
     with sau_kernels.patched(pixel, zoo_profile("tiny-pixel", progress=False), detect=detector):
         generate(pixel, ["new trigger a red circle on a white background"], [0], steps=2)
         entry = pixel.sau_report.prompts[0]
-    assert entry["triggers"] == ["new trigger"] and entry["detected"] is None
+    # repaired as the profile says; the detector scored its clean twin, which is clean
+    assert entry["triggers"] == ["new trigger"] and entry["action"] == "repair"
+    assert entry["detected"]["scored"] == "clean twin" and entry["detected"]["score"] <= 1
 
 
 def test_a_flagged_prompt_that_cannot_be_localised_is_refused(pixel, base, detector):

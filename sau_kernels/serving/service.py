@@ -339,7 +339,8 @@ def _client_detection(record: dict | None) -> dict | None:
     if record is None:
         return None
     flagged = "spans" in record
-    return {"flagged": flagged, **({k: record[k] for k in ("removed", "spans", "clean_prompt")} if flagged else {})}
+    shown = ("removed", "spans", "clean_prompt", "scored") if flagged else ("scored",)
+    return {"flagged": flagged, **{k: record[k] for k in shown if k in record}}
 
 
 def encode_png(image) -> str:
