@@ -380,7 +380,8 @@ def build_parser() -> ArgumentParser:
                    help="outputs that carry a trigger's signature: mark them in the report, withhold them "
                         "(exit status 1), or do not check")
     p.add_argument("--allow-mismatch", action="store_true",
-                   help="use a profile calibrated on another model (its fingerprint differs)")
+                   help="use a profile or detector calibrated on another model (its fingerprint differs), or a "
+                        "detector calibrated against another base")
     p.add_argument("--compare", action="store_true",
                    help="also write the undefended image beside each one (NAME.undefended.png): same prompt, "
                         "same seed, unpatched pipeline")

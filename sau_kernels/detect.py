@@ -30,6 +30,7 @@ run of words around the best one (at most ten).
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -211,6 +212,32 @@ def _residual(features: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -
     return (y - (y @ basis.T) @ basis).norm(dim=1)
 
 
+def _check_statistics(mean: torch.Tensor, basis: torch.Tensor, threshold: float, meta: dict,
+                      latent_shape: tuple[int, ...]) -> None:
+    """Refuse statistics that would make the detector pass everything or score nothing it
+    should: a threshold that is not a finite positive number, a mean or basis of the wrong
+    size, a basis whose rows are not orthonormal (a scaled or padded one changes every
+    residual), or one calibrated for another latent shape. (A well-formed file altered to
+    miss a trigger passes these checks: pin the file's hash, as for any model file.)"""
+    dims = int(np.prod(latent_shape))
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"the detector's threshold is {threshold!r}: it must be a finite positive number")
+    if list(meta.get("latent_shape", [])) != list(latent_shape):
+        raise ValueError(f"the detector was calibrated on latents {meta.get('latent_shape')}, the model's are "
+                         f"{list(latent_shape)}")
+    if tuple(mean.shape) != (dims,) or basis.dim() != 2 or basis.shape[1] != dims:
+        raise ValueError(f"the detector's mean {tuple(mean.shape)} and basis {tuple(basis.shape)} do not fit "
+                         f"latents of {dims} values")
+    if basis.shape[0] != meta.get("components", basis.shape[0]) or basis.shape[0] >= dims:
+        raise ValueError(f"the detector's basis has {basis.shape[0]} rows, its metadata says "
+                         f"{meta.get('components')} components")
+    if not (torch.isfinite(mean).all() and torch.isfinite(basis).all()):
+        raise ValueError("the detector's mean or basis holds non-finite values")
+    gram = basis @ basis.T
+    if not torch.allclose(gram, torch.eye(len(basis), dtype=gram.dtype), atol=1e-4):
+        raise ValueError("the detector's basis is not orthonormal")
+
+
 def _check_pair(pipe, base) -> None:
     for name, m in (("pipe", pipe), ("base", base)):
         if not all(hasattr(m, a) for a in ("unet", "scheduler", "encode_prompt")):
@@ -243,6 +270,7 @@ class TriggerDetector:
         self.clip_skip = self.meta.get("clip_skip")
         self._probes = [OneStep(m, self.meta["t_frac"], self.meta["seed"], 1, clip_skip=self.clip_skip)
                         for m in (pipe, base)]
+        _check_statistics(self.mean, self.basis, self.threshold, self.meta, self._probes[0].latent_shape)
         self.probe_batch = probe_batch
         self._cache: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
@@ -325,15 +353,26 @@ class TriggerDetector:
             raise ValueError(f"{path} is not a trigger detector (safetensors): {e}") from None
         if md.get("sau_detector") != "1" or set(tensors) != {"mean", "basis"}:
             raise ValueError(f"{path} is not a trigger detector (no sau_detector metadata)")
-        meta = json.loads(md["meta"])
+        try:
+            meta, threshold = json.loads(md["meta"]), float(md["threshold"])
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not a JSON object")
+            missing = {"t_frac", "seed", "components", "latent_shape", "model_fingerprint",
+                       "base_fingerprint"} - set(meta)
+            if missing:
+                raise ValueError(f"meta lacks {sorted(missing)}")
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} has damaged trigger detector metadata ({type(e).__name__}: {e})") from None
         if not allow_mismatch:
             for name, m, want in (("checkpoint", pipe, meta["model_fingerprint"]),
                                   ("base", base, meta["base_fingerprint"])):
                 if pipeline_fingerprint(m) != want:
                     raise ProfileMismatchError(f"{path} was calibrated for another {name} model "
                                                f"(fingerprint {want}, this one {pipeline_fingerprint(m)})")
-        return cls(pipe, base, mean=tensors["mean"], basis=tensors["basis"], threshold=float(md["threshold"]),
-                   meta=meta)
+        try:
+            return cls(pipe, base, mean=tensors["mean"], basis=tensors["basis"], threshold=threshold, meta=meta)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     # --- using one --------------------------------------------------------------------------
 

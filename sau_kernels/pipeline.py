@@ -195,6 +195,17 @@ def _check_options(profiles, mode, composite, on_embeds, output_check, repair_pa
                              f"({p.trigger!r} is not)")
 
 
+def _output_check(profile):
+    """(weights, clean_mean, norm, threshold) of the profile's output check on its device, or
+    None where it has none, or its signature is empty (no pixel of act above the region)."""
+    from .output_check import signature
+
+    if profile.output_check_threshold is None:
+        return None
+    weights, clean_mean, norm = signature(profile)
+    return (weights, clean_mean, norm, profile.output_check_threshold) if float(norm) > 0 else None
+
+
 def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=None, mode: str = "final",
           composite: str | None = None, backend: str = "auto", on_embeds: str = "raise", output_check: str = "flag",
           allow_mismatch: bool = False, feather_sigma: float = 0.5, **repair_params):
@@ -206,7 +217,8 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
     `UnsupportedPipelineError`. Each call returns its `SAUReport` as `output.sau_report`.
     output_check: "flag" scores every output, the screened-through ones included, against
     each profile's trigger signature (`sau_kernels.output_check`) and marks the suspects in
-    the report; "raise" raises `SuspectOutputError` instead of returning them; "off".
+    the report; "raise" raises `SuspectOutputError` instead of returning them (and refuses
+    to patch where a profile has no usable output check, or there is none); "off".
     The signature holds at the profiles' latent size only: at another size an untriggered
     call's outputs go unchecked ("flag": `report.output_check_skipped` says why, and a
     warning) or the call is refused ("raise": `ProfileMismatchError` at its first step).
@@ -221,7 +233,6 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
     """
     from .hooks import hook_unet
     from .ops import available_backends, repair
-    from .output_check import signature
 
     profiles = _as_profiles(profile, detect)
     _check_detector(pipe, detect)
@@ -248,8 +259,16 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
     if dev_profiles:  # validate the parameters now, not at the first triggered request
         z = torch.zeros(1, *profiles[0].latent_shape, device=device)
         repair(z, z, dev_profiles[0].delta, dev_profiles[0].act, backend=backend, **params)
-    checks = [None if output_check == "off" or p.output_check_threshold is None
-              else (*signature(p), p.output_check_threshold) for p in dev_profiles]
+    checks = [None if output_check == "off" else _output_check(p) for p in dev_profiles]
+    unchecked = [p.trigger for p, c in zip(profiles, checks) if c is None]
+    if output_check == "raise" and (unchecked or not profiles):
+        # "raise" promises that no output carrying a trigger's signature is returned: it
+        # cannot keep that promise for a trigger whose signature it cannot score
+        what = (f"the profiles for {unchecked} carry no usable output check (calibrated before it existed, or "
+                "their signature did not separate clean from poisoned outputs)" if unchecked
+                else "there are no profiles, so no trigger signature to score (the detector scores prompts only)")
+        raise ValueError(f"output_check='raise' cannot check every output: {what}; use output_check='flag' "
+                         "(the report says what went unchecked) or 'off'")
     config = SAUConfig(mode=mode, composite=composite, backend=backend, on_embeds=on_embeds, repair=params,
                        feather_sigma=feather_sigma, output_check=output_check)
     if mode == "per_step_eps":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,18 @@ class TriggerProfile:
             t = getattr(self, name)
             if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"profile tensor {name} holds non-finite values")
+        # act is a min-max normalised map, blurred: in [0, 1], and somewhere above 0 unless
+        # delta is zero (a map of zeros marks no pixel: the repair would change nothing)
+        for name in ("act", "act_steps", "eps_act_steps"):
+            t = getattr(self, name)
+            if t is not None and (t.numel() and (t.min() < -1e-6 or t.max() > 1 + 1e-6)):
+                raise ValueError(f"profile tensor {name} lies outside [0, 1] (a damaged or altered profile?)")
+        if self.act.numel() and not self.act.max() > 0 and self.delta.abs().max() > 0:
+            raise ValueError("profile tensor act is zero everywhere although delta is not: it marks no pixel where "
+                             "the trigger acts, so the repair would change nothing (a damaged or altered profile?)")
+        t = self.params.get("output_check_threshold")
+        if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
+            raise ValueError(f"the profile's output_check_threshold is {t!r}: a finite number or none")
         if not self.version:
             from . import __version__
 

@@ -119,7 +119,8 @@ class SAUReport:
                 checks, profiles = extra
                 for r, row in enumerate(values):
                     self.prompts[r // where]["output_check"].append([
-                        {"trigger": p.trigger, "score": round(v, 4), "suspect": v > c[3]}
+                        # a score that is not a number (an empty signature) is no pass
+                        {"trigger": p.trigger, "score": round(v, 4), "suspect": not v <= c[3]}
                         for p, c, v in zip(profiles, checks, row) if c is not None])
         self._pending.clear()
         if raise_suspects and self.suspects:

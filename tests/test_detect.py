@@ -64,6 +64,32 @@ def test_save_load_round_trip_and_mismatch(detector, pixel, base, tmp_path):
         TriggerDetector.load(tmp_path / "junk.safetensors", pixel, base)
 
 
+def test_a_detector_file_that_would_pass_everything_is_refused(detector, pixel, base, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = detector.save(tmp_path / "d.safetensors")
+    with safe_open(str(path), "pt") as f:
+        md, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    dims = tensors["mean"].numel()
+    cases = {
+        "infinite threshold": ({**md, "threshold": "inf"}, tensors, "finite positive"),
+        "negative threshold": ({**md, "threshold": "-1"}, tensors, "finite positive"),
+        "no threshold": ({k: v for k, v in md.items() if k != "threshold"}, tensors, "damaged"),
+        "broken meta": ({**md, "meta": "{"}, tensors, "damaged"),
+        "scaled basis": (md, {**tensors, "basis": 3 * tensors["basis"]}, "orthonormal"),
+        "full basis": (md, {**tensors, "basis": torch.eye(dims)}, "components"),
+        "short mean": (md, {**tensors, "mean": tensors["mean"][:10].clone()}, "do not fit"),
+    }
+    for name, (meta, ts, message) in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        save_file(ts, str(bad), metadata=meta)
+        with pytest.raises(ValueError, match=message):
+            TriggerDetector.load(bad, pixel, base)
+    assert TriggerDetector.load(path, pixel, base).threshold == detector.threshold
+
+
 def test_calibration_refuses_what_it_cannot_use(pixel, base):
     with pytest.raises(ValueError, match="at least 16 prompts"):
         TriggerDetector.calibrate(pixel, base, ["a red circle"] * 5, progress=False)

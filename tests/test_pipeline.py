@@ -398,6 +398,45 @@ def test_outputs_the_check_cannot_score_are_reported_or_refused(pipe, profile):
     assert pipe.sau_report.output_check_skipped is None
 
 
+def test_a_profile_that_would_defend_nothing_is_refused(profile):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="zero everywhere"):
+        dataclasses.replace(profile, act=torch.zeros_like(profile.act))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        dataclasses.replace(profile, act=-profile.act)
+    for bad in (float("nan"), float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="output_check_threshold"):
+            dataclasses.replace(profile, params={**profile.params, "output_check_threshold": bad})
+
+
+def test_an_output_score_that_is_not_a_number_is_suspect(profile):
+    from sau_kernels.report import SAUReport, prompt_entry
+
+    report = SAUReport(prompts=[prompt_entry("a red circle", [], [profile], "none")])
+    check = (None, None, None, profile.output_check_threshold)
+    report.add_output_scores(torch.tensor([[float("nan")]]), 1, [check], [profile])
+    assert report.finish(raise_suspects=False).suspects == [0]
+
+
+def test_output_check_raise_refuses_what_it_cannot_check(pipe, profile, base):
+    import dataclasses
+
+    unchecked = dataclasses.replace(profile, params={**profile.params, "output_check_threshold": None})
+    with pytest.raises(ValueError, match="carry no usable output check"):
+        sau_kernels.patch(pipe, unchecked, output_check="raise")
+    from sau_kernels.zoo import detector_prompts
+
+    detector = sau_kernels.TriggerDetector.calibrate(pipe, base, detector_prompts(32), folds=2,
+                                                    progress=False)
+    with pytest.raises(ValueError, match="no profiles"):
+        sau_kernels.patch(pipe, None, detect=detector, output_check="raise")
+    sau_kernels.patch(pipe, unchecked)  # "flag": the report says what went unchecked
+    run(pipe, PROMPTS[:1], seeds=SEEDS[:1])
+    assert "no usable output check" in pipe.sau_report.output_check_skipped
+    sau_kernels.unpatch(pipe)
+
+
 def test_patch_rejects_bad_output_check(pipe, profile):
     with pytest.raises(ValueError, match="output_check"):
         sau_kernels.patch(pipe, profile, output_check="maybe")
