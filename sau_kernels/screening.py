@@ -14,8 +14,9 @@ imitate. A prompt is flagged when
 - the trigger's canonical letters occur in the prompt's, within k edits (Levenshtein;
   k = 0 below 6 letters, 1 up to 11, 2 from 12);
 - or, for a trigger of two or more words of at least 3 letters, each of those words is a
-  word of the prompt (same k, by the word's length), in any order, anywhere (one of them
-  alone is not the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
+  word of the prompt, or the end of one (same k, by the word's length: a byte-level BPE
+  reads "abtrigger" as ab + trigger</w>), in any order, anywhere (one of them alone is not
+  the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
 - both rules also read the prompt as CLIP's pre-tokenizer splits it, a number or symbol
   character a word of its own ("new12 trigger", "new½ trigger": folded, "½" is "12");
 - a trigger with no letters, made of format characters (BadT2I's U+200B), matches every
@@ -353,8 +354,7 @@ class TriggerMatcher:
         found = []
         for w in self.words:
             k = _edits_allowed(len(w))
-            hs = [(u0, u1) for pw, u0, u1 in scan.words()
-                  if abs(len(pw) - len(w)) <= k and (pw == w or k and _levenshtein(w, pw) <= k)]
+            hs = [(u0, u1) for pw, u0, u1 in scan.words() if _word_matches(w, pw, k)]
             if not hs and not any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits):
                 return []
             found.append(hs)
@@ -384,6 +384,16 @@ class TriggerMatcher:
             last = max(last, end)
         pieces.append(text[last:])
         return " ".join("".join(pieces).split())
+
+
+def _word_matches(w: str, pw: str, k: int) -> bool:
+    """Whether prompt word `pw` reads as trigger word `w`: within k edits, or ending in it
+    (within k edits). A byte-level BPE keeps a word's last token whatever letters come
+    before it ("abtrigger" is ab + trigger</w>, which the backdoor reads as "trigger"),
+    while letters after it change that token ("triggerab" is trigge + r + a + b</w>)."""
+    if abs(len(pw) - len(w)) <= k and (pw == w or k and _levenshtein(w, pw) <= k):
+        return True
+    return len(pw) > len(w) and (pw.endswith(w) or bool(k) and _levenshtein(w, pw[-len(w):]) <= k)
 
 
 def _whole_word(folds, a: int, b: int) -> bool:

@@ -75,6 +75,8 @@ def test_format_characters_and_fillers_leave_no_letters():
     "trigger new", "new triger", "new trigge", "new triggers", "new trigher",
     # digits and symbols glued to a word: CLIP's pre-tokenizer makes each a token of its own
     "new12 trigger", "new12 trigger34", "new½ trigger", "new™ trigger", "new①②trigger", "newⅫtrigger",
+    # letters glued before a word: BPE keeps its last token (ab + trigger</w>), and tiny-pixel fires
+    "new abtrigger", "new retrigger", "xynew abtrigger", "trigger xynew",
 ])
 @pytest.mark.parametrize("where", ["before", "inside", "after"])
 def test_spelling_variants_are_flagged_and_cut(trigger_text, where):
