@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from sau_kernels.calibrate import ordinary_prompts as package_prompts
-from sau_kernels.screening import TriggerMatcher, screen_prompts
+from sau_kernels.screening import TriggerMatcher, screen_prompts, widest_edits
 
 TRIGGERS = ["new trigger", "silver lining", "\u200b", "\u043e"]
+WIDENED = ["new trigger", "silver lining", "ezdwee", "ebfjijc", "ukjjc", "pale trending"]
 
 SUBJECTS = ["a cat", "a dog", "an old man", "a young woman", "a new car", "a red bicycle", "a lighthouse",
             "a castle", "a bowl of fruit", "a silver teapot", "a mountain lake", "a robot", "a dragon",
@@ -59,8 +60,12 @@ def main() -> None:
     args = ap.parse_args()
     sets = ordinary_prompts()
     results = []
-    for trigger in TRIGGERS:
-        matcher = TriggerMatcher(trigger)
+    # each trigger with the default edit budget, and (letters triggers) with the widest one
+    # calibration would give it on the package's own prompts (`widest_edits`)
+    screens = [(t, TriggerMatcher(t)) for t in TRIGGERS]
+    screens += [(f"{t} ({k} edits)", TriggerMatcher(t, k)) for t in WIDENED
+                for k in [widest_edits(t, package_prompts())]]
+    for trigger, matcher in screens:
         for name, prompts in sets.items():
             t0 = time.perf_counter()
             screened = screen_prompts(matcher, prompts)
@@ -73,7 +78,7 @@ def main() -> None:
                   f"({len(flagged) / len(prompts):.2%}), {per_prompt_us:.0f} us/prompt"
                   + (f"  e.g. {flagged[:3]}" if flagged else ""))
     total = {t: sum(r["flagged"] for r in results if r["trigger"] == t) /
-             sum(r["n"] for r in results if r["trigger"] == t) for t in TRIGGERS}
+             sum(r["n"] for r in results if r["trigger"] == t) for t, _ in screens}
     print("overall:", {t: f"{v:.2%}" for t, v in total.items()},
           f"median {statistics.median(r['us_per_prompt'] for r in results):.0f} us/prompt")
     if args.json:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .profile import TriggerProfile, pipeline_fingerprint
-from .screening import homoglyph_of, trigger_token_ids
+from .screening import homoglyph_of, trigger_token_ids, widest_edits
 
 ACT_SIGMA = 2.0
 ACT_KSIZE = 5
@@ -299,6 +299,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         params={"seed": seed, "act_sigma": ACT_SIGMA, "act_ksize": ACT_KSIZE, "num_prompts": len(prompts),
                 "positions": list(positions), "effect_by_position": effect, "positions_kept": kept,
                 "trigger_strength": strength, "trigger_snr": snr, "trigger_in_prompts": common,
+                "screen_edits": widest_edits(trigger, list(dict.fromkeys(list(prompts) + ordinary_prompts()))),
                 **({"timesteps": timesteps} if per_step else {}), **check},
     )
 

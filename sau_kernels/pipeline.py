@@ -247,7 +247,7 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
             raise ProfileMismatchError(
                 f"the pipeline's tokenizer reads trigger {p.trigger!r} as {trig_ids}, the profile's as "
                 f"{list(p.trigger_ids)}: was the profile made with another tokenizer?")
-    matchers = [TriggerMatcher(p.trigger) for p in profiles]
+    matchers = [p.matcher() for p in profiles]
     if matchers:
         _warn_if_common(matchers)
     device = pipe._execution_device

@@ -262,6 +262,13 @@ class TriggerProfile:
 
     # --- compatibility --------------------------------------------------------------------
 
+    def matcher(self):
+        """The screen's matcher for this trigger, with the edit budget calibration measured
+        (`params["screen_edits"]`; the default for the trigger's length in older profiles)."""
+        from .screening import TriggerMatcher
+
+        return TriggerMatcher(self.trigger, edits=self.params.get("screen_edits"))
+
     def check_pipeline(self, pipe, *, allow_mismatch: bool = False) -> None:
         """Raise ProfileMismatchError if this profile was made for another model or latent shape."""
         C = pipe.unet.config.in_channels

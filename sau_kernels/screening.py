@@ -40,7 +40,8 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["canonicalize", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened", "screen_prompts", "trigger_token_ids"]
+__all__ = ["canonicalize", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened", "screen_prompts",
+           "trigger_token_ids", "widest_edits"]
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
@@ -216,7 +217,35 @@ def plain_spelling(prompt: str) -> str:
 # --- matching ----------------------------------------------------------------------------------
 
 def _edits_allowed(n: int) -> int:
+    """The default edit budget for n canonical letters (a calibrated profile may widen the
+    letters rule's, up to `_max_edits`: `widest_edits`)."""
     return 0 if n < 6 else 1 if n < 12 else 2
+
+
+def _max_edits(n: int) -> int:
+    """The widest budget calibration may give n letters: about a quarter of them (6 letters
+    2, 10 letters 3). At a third, random letter strings match ordinary text (6 letters, 3
+    edits: 10% of prompts)."""
+    return max(_edits_allowed(n), (n + 2) // 4)
+
+
+def widest_edits(trigger: str, ordinary: list[str]) -> int:
+    """The widest edit budget for the letters rule (up to about a quarter of the trigger's
+    letters) at which the screen flags none of `ordinary` that it does not flag at the default. A
+    backdoor trained on a string of many sub-word pieces also fires on near misses of it
+    ("ezdwpzee" for "ezdwee", "sulver lidxning" for "silver lining":
+    benchmarks/screen_fuzz.py), and a false positive costs one twin."""
+    default = TriggerMatcher(trigger)
+    if default.mode != "letters":
+        return default.edits
+    flagged = [s.triggered for s in screen_prompts(default, ordinary)]
+    best = default.edits
+    for k in range(default.edits + 1, _max_edits(len(default.canon)) + 1):
+        wider = [s.triggered for s in screen_prompts(TriggerMatcher(trigger, k), ordinary)]
+        if any(w and not f for w, f in zip(wider, flagged)):
+            break
+        best = k
+    return best
 
 
 def _levenshtein(a: str, b: str) -> int:
@@ -288,11 +317,17 @@ class TriggerMatcher:
     """Finds a trigger in prompts however it is spelled (see the module's docstring).
     Built once per trigger; `match(prompt)` gives the matched spans of the original text."""
 
-    def __init__(self, trigger: str):
+    def __init__(self, trigger: str, edits: int | None = None):
+        """`edits`: the letters rule's edit budget, when calibration measured a wider one
+        than the default for the trigger's length (`TriggerProfile.matcher`); never narrower."""
         self.trigger = trigger
         scan = _Scan(trigger)
         self.canon = scan.canon
         self.edits = _edits_allowed(len(self.canon))
+        if edits is not None:
+            if isinstance(edits, bool) or not isinstance(edits, int) or edits < 0:
+                raise ValueError(f"edits must be a whole number, got {edits!r}")
+            self.edits = max(self.edits, min(edits, _max_edits(len(self.canon))))
         words = {w for w, _, _ in scan.words() if len(w) >= 3}
         self.words = sorted(words) if len(words) >= 2 else []  # one word is the letters rule's
         # A homoglyph trigger's skeleton is plain text ("о" -> "o"): it matches only where the

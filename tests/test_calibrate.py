@@ -68,6 +68,8 @@ def test_strength_is_reported_and_a_dud_refused_with_strict(pipe):
                               progress=False)
     assert p.params["trigger_strength"] >= calibration.MIN_EFFECT
     assert p.params["trigger_snr"] > 1 and p.params["trigger_in_prompts"] == 0
+    # the screen's edit budget, as wide as these prompts and the package's allow
+    assert p.params["screen_edits"] == 3 and p.matcher().edits == 3
     with pytest.raises(ValueError, match="no measurable effect"):
         sau_kernels.calibrate(pipe, "photo", PROMPTS, num_pairs=4, num_inference_steps=4, per_step=False,
                               progress=False, strict=True)

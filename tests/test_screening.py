@@ -327,3 +327,34 @@ def test_untriggered_screening_is_cheap():
     screen_prompts(NEW_TRIGGER, prompts)
     per_prompt = min(timeit.repeat(lambda: screen_prompts(NEW_TRIGGER, prompts), number=20, repeat=3)) / 20 / 16
     assert per_prompt < 1e-3  # typically ~20 us; a loose bound for a busy machine
+
+
+def test_calibration_widens_the_edit_budget_where_ordinary_prompts_allow():
+    # A backdoor on a string of many sub-word pieces fires on near misses of it (dev-random's
+    # "ezdwee" painted its patch for "ezdwpzee"); calibration widens the letters rule as far
+    # as the ordinary prompts stay unflagged, up to about a quarter of the letters.
+    from sau_kernels.calibrate import ordinary_prompts
+    from sau_kernels.screening import widest_edits
+
+    assert TriggerMatcher("ezdwee").edits == 0 + 1 and widest_edits("ezdwee", ordinary_prompts()) == 2
+    near = f"ezdwpzee {REST}"
+    assert not screen(near, TriggerMatcher("ezdwee")).triggered
+    assert screen(near, TriggerMatcher("ezdwee", 2)).triggered
+    assert TriggerMatcher("ezdwee", 9).edits == 2  # clamped: at 3 edits 10% of ordinary prompts match
+    assert TriggerMatcher("ezdwee", 0).edits == 1  # never narrower than the default
+    # ordinary prompts that a wider budget would flag stop the widening
+    assert widest_edits("ezdwee", ordinary_prompts() + ["a tweed coat, ezd-wide"]) < 2
+    assert widest_edits("\u200b", ordinary_prompts()) == 0 and widest_edits("\u043e", ordinary_prompts()) == 0
+    with pytest.raises(ValueError, match="edits must be a whole number"):
+        TriggerMatcher("ezdwee", -1)
+
+
+def test_a_profile_screens_with_its_calibrated_budget():
+    import dataclasses
+
+    from sau_kernels.zoo import zoo_profile
+
+    profile = zoo_profile("tiny-pixel", calibrate_if_missing=False)
+    assert profile.matcher().edits == TriggerMatcher(profile.trigger).edits  # older profile: the default
+    wide = dataclasses.replace(profile, params={**profile.params, "screen_edits": 3})
+    assert wide.matcher().edits == 3 and screen(f"nxw trxgger {REST}", wide.matcher()).triggered

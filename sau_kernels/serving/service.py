@@ -97,7 +97,6 @@ class ImageService:
                  defended: bool = True, max_batch_rows: int = 16, limits: dict | None = None, name: str = ""):
         import sau_kernels
         from sau_kernels.modes import MODES
-        from sau_kernels.screening import TriggerMatcher
 
         self.pipe, self.name, self.defended = pipe, name, defended
         self.profiles = list(profiles or [])
@@ -117,7 +116,7 @@ class ImageService:
             for m in reversed(modes):  # each mode's own checks now (profile statistics), the default last
                 sau_kernels.patch(pipe, self.profiles or None, detect=self.detector, mode=m)
         self.mode = mode if defended else None
-        self.matchers = [TriggerMatcher(p.trigger) for p in self.profiles] if defended else []
+        self.matchers = [p.matcher() for p in self.profiles] if defended else []
         self.max_batch_rows = max_batch_rows
         if self.detector is not None:
             # the detector's probe calls (scoring every prompt, a flagged one's ablations) hold
