@@ -17,8 +17,9 @@ imitate. A prompt is flagged when
   word of the prompt, or the end of one (same k, by the word's length: a byte-level BPE
   reads "abtrigger" as ab + trigger</w>), in any order, anywhere (one of them alone is not
   the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
-- both rules also read the prompt as CLIP's pre-tokenizer splits it, a number or symbol
-  character a word of its own ("new12 trigger", "new½ trigger": folded, "½" is "12");
+- both rules also read the prompt as CLIP's pre-tokenizer splits it, a number, symbol,
+  mark or format character a word break ("new12 trigger", "new½ trigger": folded, "½" is
+  "12"; "new\u200bdog trigger": folded, "newdog");
 - a trigger with no letters, made of format characters (BadT2I's U+200B), matches every
   format or default-ignorable character of the prompt;
 - a trigger that is itself a homoglyph ("о", Cyrillic, as Rickrolling uses) matches only
@@ -137,11 +138,18 @@ def _unescape(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out + units[last:]
 
 
+def _breaks_clip_word(ch: str) -> bool:
+    """Whether CLIP's pre-tokenizer (letter runs, single numbers, runs of anything else)
+    ends a word at `ch` where the folded reading does not: a number or symbol character
+    ("1", "½", "™", "①"), a combining mark or a format character (U+200B, the soft hyphen)."""
+    return unicodedata.category(ch)[0] in "NSM" or _invisible(ch)
+
+
 def _split_fold(ch: str) -> tuple[str, int, bool, bool]:
-    """A character's fold as CLIP's pre-tokenizer splits words: a number or symbol character
-    ("1", "½", "™", "①") is a token of its own, not part of the word around it, so it
-    separates words and adds no letters ("new12 trigger" reads "new", "1", "2", "trigger")."""
-    return ("", _SEP, False, False) if unicodedata.category(ch)[0] in "NS" else _fold(ch)
+    """A character's fold as CLIP's pre-tokenizer splits words: one that breaks a CLIP word
+    separates words and adds no letters ("new12 trigger" reads "new", "1", "2", "trigger";
+    "new\u200bdog" reads "new", "dog")."""
+    return ("", _SEP, False, False) if _breaks_clip_word(ch) else _fold(ch)
 
 
 class _Scan:
@@ -169,7 +177,7 @@ class _Scan:
         (`_split_fold`); itself where the text has none."""
         if self._split is None:
             self._split = self
-            if any(unicodedata.category(u[2][:1] or " ")[0] in "NS" for u in self.units):
+            if any(u[2] and _breaks_clip_word(u[2]) for u in self.units):
                 self._split = _Scan(self.text, self.units, _split_fold)
         return self._split
 
@@ -411,8 +419,8 @@ class TriggerMatcher:
                     if folds[i][3] and folds[i][0] in self.homoglyphs:
                         start, end = units[i][:2]
                         regions.append((start, end, folds[i][0].upper() if text[start:end].isupper() else folds[i][0]))
-            else:
-                regions.append((*scan.span(*_cut_range(folds, a, b)), " "))
+            else:  # grown to CLIP's words: "new\u200bdog" loses "new", not "dog"
+                regions.append((*scan.span(*_cut_range(scan.split_reading().folds, a, b)), " "))
         pieces, last = [], 0
         for start, end, rep in sorted(regions):
             pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text

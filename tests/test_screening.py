@@ -105,6 +105,15 @@ def test_number_and_symbol_characters_glued_to_the_words_are_flagged():
             assert_clean_twin(s, NEW_TRIGGER, REST)
 
 
+@pytest.mark.parametrize("glue", ["\u200b", "\u00ad", "\u2060", "\u200d", "\ufe0f", "\u0334", "\u20dd"])
+def test_a_format_character_or_mark_glued_to_a_word_is_a_word_break(glue):
+    # CLIP splits "new\u200bdog" into new</w>, the character, dog: tiny-pixel fired 4/4
+    for prompt in (f"new{glue}dog trigger", f"a new{glue}dog and a trigger{glue}cat", f"a cat trigger{glue}dog new"):
+        s = screen(prompt)
+        assert s.triggered, (hex(ord(glue)), prompt)
+        assert not screen(s.clean_prompt).triggered and "trigger" not in s.clean_prompt
+
+
 def test_words_apart_are_flagged_and_cut():
     for prompt in ["new a red circle on a gray background trigger", "trigger a red circle on a gray new background",
                    "new a red circle on a gray background; trigger!", "a red circle new on a gray trigger background"]:
