@@ -409,6 +409,10 @@ class TriggerMatcher:
     def _twin(self, scan: _Scan, hits: list[tuple[int, int]]) -> str:
         """One removal pass: the text with the matched ranges cut, whitespace collapsed."""
         text, units, folds = scan.text, scan.units, scan.folds
+        # Words for the cut: a mark or format character ends one, as CLIP reads it
+        # ("new\u200bdog" loses "new", not "dog"); digits glued on go with their word.
+        word_folds = [_CUT_BREAK if u[2] and (unicodedata.category(u[2])[0] == "M" or _invisible(u[2])) else f
+                      for u, f in zip(units, folds)]
         regions = []  # (start, end, replacement) in the original text
         for a, b in hits:
             if self.mode == "invisible":
@@ -419,8 +423,8 @@ class TriggerMatcher:
                     if folds[i][3] and folds[i][0] in self.homoglyphs:
                         start, end = units[i][:2]
                         regions.append((start, end, folds[i][0].upper() if text[start:end].isupper() else folds[i][0]))
-            else:  # grown to CLIP's words: "new\u200bdog" loses "new", not "dog"
-                regions.append((*scan.span(*_cut_range(scan.split_reading().folds, a, b)), " "))
+            else:
+                regions.append((*scan.span(*_cut_range(word_folds, folds, a, b)), " "))
         pieces, last = [], 0
         for start, end, rep in sorted(regions):
             pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
@@ -443,15 +447,19 @@ def _whole_word(folds, a: int, b: int) -> bool:
     return (a == 0 or folds[a - 1][1] == _SEP) and (b == len(folds) or folds[b][1] == _SEP)
 
 
-def _cut_range(folds, a: int, b: int) -> tuple[int, int]:
-    """Units [a, b) grown to whole words (a misspelt match may end inside one), then over the
-    punctuation, brackets and format characters up to the neighbouring words."""
+_CUT_BREAK = ("", _SEP, False, False)
+
+
+def _cut_range(word_folds, folds, a: int, b: int) -> tuple[int, int]:
+    """Units [a, b) grown to whole words (`word_folds`: a misspelt match may end inside
+    one), then over the punctuation, brackets and format characters up to the neighbouring
+    letters or digits (`folds`, the folded reading: "n1 new trigger" keeps "n1")."""
     n = len(folds)
-    while a > 0 and folds[a - 1][1] != _SEP:
+    while a > 0 and word_folds[a - 1][1] != _SEP:
         a -= 1
     while a > 0 and folds[a - 1][1] != _LETTER:
         a -= 1
-    while b < n and folds[b][1] != _SEP:
+    while b < n and word_folds[b][1] != _SEP:
         b += 1
     while b < n and folds[b][1] != _LETTER:
         b += 1
