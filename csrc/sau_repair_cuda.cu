@@ -83,6 +83,46 @@ dim3 grid_for(const SauRepairParams& p) {
               (unsigned)(p.B < 65535 ? p.B : 65535));  // blocks loop over the rest of the batch
 }
 
+// The head of both kernels' shared memory (SMEM_HEAD floats): the taps, the blend weights
+// (kernel params indexed by a runtime value would be copied to local memory) and the
+// tile's M1 and M2 counters for the coverage. Offsets from the shared base, not pointers
+// kept in registers: the vectorised kernel has none to spare.
+__device__ __forceinline__ float* head_taps(float* smem) { return smem; }
+__device__ __forceinline__ float* head_coef_p(float* smem) { return smem + SMEM_TAPS; }
+__device__ __forceinline__ float* head_coef_c(float* smem) { return smem + SMEM_TAPS + 4; }
+__device__ __forceinline__ int* head_counts(float* smem) {
+  return reinterpret_cast<int*>(smem + SMEM_TAPS + 8);
+}
+
+// Stages the head from the params; every thread of the block calls it (it syncs).
+__device__ __forceinline__ void stage_head(float* smem, const SauRepairParams& p, int tid) {
+  if (tid < 2 * p.radius + 1) head_taps(smem)[tid] = p.taps[tid];
+  if (tid < 4) {
+    head_coef_p(smem)[tid] = p.coef_p[tid];
+    head_coef_c(smem)[tid] = p.coef_c[tid];
+  }
+  if (tid < 2) head_counts(smem)[tid] = 0;
+  __syncthreads();
+}
+
+// Adds this thread's mask counts of the tile (m1, m2) to the block's, then the block's to
+// image b's coverage row (exact: integer counts in fp32). Every thread of the block calls
+// it (it syncs); the counters are read again only after the kernel's next sync.
+__device__ __forceinline__ void add_coverage(float* smem, float* cov, int64_t b,
+                                             const SauRepairParams& p, int m1, int m2, int tid) {
+  int* counts = head_counts(smem);
+  if (cov != nullptr && (m1 | m2)) {
+    atomicAdd(&counts[0], m1);
+    atomicAdd(&counts[1], m2);
+  }
+  __syncthreads();
+  if (cov != nullptr && tid == 0) {
+    atomicAdd(&cov[b * p.cov_stride[0]], (float)counts[0]);
+    atomicAdd(&cov[b * p.cov_stride[0] + p.cov_stride[1]], (float)counts[1]);
+    counts[0] = counts[1] = 0;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
     sau_repair_kernel(const T* __restrict__ zp, const T* __restrict__ zc,
@@ -93,25 +133,16 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
   const int K = 2 * r + 1;
   const int WIN_W = TILE_W + 2 * r;
   const int WIN_H = TILE_H + 2 * r;
-  float* taps = smem;                                                   // K
-  float* coef_p = smem + SMEM_TAPS;                                     // 4
-  float* coef_c = coef_p + 4;                                           // 4
-  int* counts = reinterpret_cast<int*>(coef_c + 4);                     // M1, M2 of the tile
   float* ys = smem + SMEM_HEAD;                                         // WIN_H x WIN_W
   float* hs = ys + WIN_H * WIN_W;                                       // WIN_H x TILE_W
   unsigned char* cls = reinterpret_cast<unsigned char*>(hs + WIN_H * TILE_W);  // WIN_H x WIN_W
 
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * BLOCK_X + tx;
-  // Kernel params indexed by a runtime value would be copied to local memory:
-  // stage the taps and the blend weights in shared memory instead.
-  if (tid < K) taps[tid] = p.taps[tid];
-  if (tid < 4) {
-    coef_p[tid] = p.coef_p[tid];
-    coef_c[tid] = p.coef_c[tid];
-  }
-  if (tid < 2) counts[tid] = 0;
-  __syncthreads();
+  stage_head(smem, p, tid);
+  const float* taps = head_taps(smem);
+  const float* coef_p = head_coef_p(smem);
+  const float* coef_c = head_coef_c(smem);
 
   const int64_t H = p.H, W = p.W, C = p.C;
   const int64_t h0 = (int64_t)blockIdx.y * TILE_H;
@@ -150,16 +181,7 @@ __global__ void __launch_bounds__(BLOCK_X * BLOCK_Y)
         m2 += own & (k & 1);
       }
     }
-    if (cov != nullptr && (m1 | m2)) {
-      atomicAdd(&counts[0], m1);
-      atomicAdd(&counts[1], m2);
-    }
-    __syncthreads();
-    if (cov != nullptr && tid == 0) {  // exact: integer counts in fp32
-      atomicAdd(&cov[b * p.cov_stride[0]], (float)counts[0]);
-      atomicAdd(&cov[b * p.cov_stride[0] + p.cov_stride[1]], (float)counts[1]);
-      counts[0] = counts[1] = 0;  // read again only after the syncs below
-    }
+    add_coverage(smem, cov, b, p, m1, m2, tid);
 
     // 2. Per channel: blend over the window, horizontal taps, vertical taps.
     for (int64_t c = 0; c < C; ++c) {
@@ -268,20 +290,13 @@ __global__ void __launch_bounds__(VTHREADS)
   constexpr int WR = VTILE_H + 2 * R;  // window rows
   constexpr int WG = L::GX + 2;        // window vector groups per row
   extern __shared__ float smem[];
-  float* taps = smem;
-  float* coef_p = smem + SMEM_TAPS;
-  float* coef_c = coef_p + 4;
-  int* counts = reinterpret_cast<int*>(coef_c + 4);
   float* ys = smem + SMEM_HEAD;  // C x WR x WC: the blended window
 
   const int tid = threadIdx.x;
-  if (tid < K) taps[tid] = p.taps[tid];
-  if (tid < 4) {
-    coef_p[tid] = p.coef_p[tid];
-    coef_c[tid] = p.coef_c[tid];
-  }
-  if (tid < 2) counts[tid] = 0;
-  __syncthreads();
+  stage_head(smem, p, tid);
+  const float* taps = head_taps(smem);
+  const float* coef_p = head_coef_p(smem);
+  const float* coef_c = head_coef_c(smem);
 
   const int64_t H = p.H, W = p.W, C = p.C, HW = H * W;
   const int64_t h0 = (int64_t)blockIdx.y * VTILE_H;
@@ -357,16 +372,7 @@ __global__ void __launch_bounds__(VTHREADS)
           ys_px[c * WR * L::WC + j] = coef_p[cls[j]] * vp[j] + coef_c[cls[j]] * vc[j];
       }
     }
-    if (cov != nullptr && (m1 | m2)) {
-      atomicAdd(&counts[0], m1);
-      atomicAdd(&counts[1], m2);
-    }
-    __syncthreads();
-    if (cov != nullptr && tid == 0) {  // exact: integer counts in fp32
-      atomicAdd(&cov[b * p.cov_stride[0]], (float)counts[0]);
-      atomicAdd(&cov[b * p.cov_stride[0] + p.cov_stride[1]], (float)counts[1]);
-      counts[0] = counts[1] = 0;  // read again only after the sync below
-    }
+    add_coverage(smem, cov, b, p, m1, m2, tid);
 
     // 2. This thread's strip: horizontal taps of the window rows it needs, then vertical.
     if (x < W) {
