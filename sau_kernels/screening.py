@@ -138,11 +138,13 @@ def _unescape(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out + units[last:]
 
 
+@lru_cache(maxsize=1 << 16)
 def _breaks_clip_word(ch: str) -> bool:
     """Whether CLIP's pre-tokenizer (letter runs, single numbers, runs of anything else)
     ends a word at `ch` where the folded reading does not: a number or symbol character
-    ("1", "½", "™", "①"), a combining mark or a format character (U+200B, the soft hyphen)."""
-    return unicodedata.category(ch)[0] in "NSM" or _invisible(ch)
+    ("1", "½", "™", "①"), a combining mark or a format character (U+200B, the soft hyphen).
+    Cached, as `_fold` is: every prompt's every character is asked."""
+    return unicodedata.category(ch)[0] in "NSM" or _fold(ch)[2]
 
 
 def _split_fold(ch: str) -> tuple[str, int, bool, bool]:
@@ -411,7 +413,7 @@ class TriggerMatcher:
         text, units, folds = scan.text, scan.units, scan.folds
         # Words for the cut: a mark or format character ends one, as CLIP reads it
         # ("new\u200bdog" loses "new", not "dog"); digits glued on go with their word.
-        word_folds = [_CUT_BREAK if u[2] and (unicodedata.category(u[2])[0] == "M" or _invisible(u[2])) else f
+        word_folds = [_CUT_BREAK if u[2] and (f[2] or unicodedata.category(u[2])[0] == "M") else f
                       for u, f in zip(units, folds)]
         regions = []  # (start, end, replacement) in the original text
         for a, b in hits:
