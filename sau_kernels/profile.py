@@ -127,6 +127,9 @@ class TriggerProfile:
         if self.act.numel() and not self.act.max() > 0 and self.delta.abs().max() > 0:
             raise ValueError("profile tensor act is zero everywhere although delta is not: it marks no pixel where "
                              "the trigger acts, so the repair would change nothing (a damaged or altered profile?)")
+        e = self.params.get("screen_edits")
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
+            raise ValueError(f"the profile's screen_edits is {e!r}: a whole number or none")
         t = self.params.get("output_check_threshold")
         if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
             raise ValueError(f"the profile's output_check_threshold is {t!r}: a finite number or none")

@@ -245,6 +245,8 @@ def widest_edits(trigger: str, ordinary: list[str]) -> int:
     backdoor trained on a string of many sub-word pieces also fires on near misses of it
     ("ezdwpzee" for "ezdwee", "sulver lidxning" for "silver lining":
     benchmarks/screen_fuzz.py), and a false positive costs one twin."""
+    if isinstance(ordinary, str) or not all(isinstance(p, str) for p in ordinary):
+        raise TypeError("ordinary must be a list of prompts (strings)")
     default = TriggerMatcher(trigger)
     if default.mode != "letters":
         return default.edits

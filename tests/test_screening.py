@@ -356,6 +356,8 @@ def test_calibration_widens_the_edit_budget_where_ordinary_prompts_allow():
     assert widest_edits("\u200b", ordinary_prompts()) == 0 and widest_edits("\u043e", ordinary_prompts()) == 0
     with pytest.raises(ValueError, match="edits must be a whole number"):
         TriggerMatcher("ezdwee", -1)
+    with pytest.raises(TypeError, match="list of prompts"):
+        widest_edits("ezdwee", "a red circle")
 
 
 def test_a_profile_screens_with_its_calibrated_budget():
@@ -367,3 +369,6 @@ def test_a_profile_screens_with_its_calibrated_budget():
     assert profile.matcher().edits == TriggerMatcher(profile.trigger).edits  # older profile: the default
     wide = dataclasses.replace(profile, params={**profile.params, "screen_edits": 3})
     assert wide.matcher().edits == 3 and screen(f"nxw trxgger {REST}", wide.matcher()).triggered
+    for bad in (-1, "3", 2.5, True):
+        with pytest.raises(ValueError, match="screen_edits"):
+            dataclasses.replace(profile, params={**profile.params, "screen_edits": bad})
