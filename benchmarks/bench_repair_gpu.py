@@ -220,6 +220,14 @@ def main() -> int:
                          "provider": f"{b} graph", "us": us, "gb_per_s": moved / us / 1e3,
                          "x_copy": us / copy_us, "copy_us": copy_us, "copy_gb_per_s": moved / copy_us / 1e3})
 
+    windows = {}
+    if "triton" in backends:  # what the autotuner chose per key (shape, blur, mode, dtypes)
+        from sau_kernels import triton_repair
+
+        windows = {str(key): str(config) for key, config in triton_repair._repair_tuned.cache.items()}
+        for key, config in windows.items():
+            print(f"triton window for {key}: {config}")
+
     print(f"\nempty kernel launch: {empty_us:.1f} us")
     print(f"{'part':<10} {'shape':<16} {'dtype':<8} {'provider':<30} {'us':>10} {'GB/s':>8} {'vs eager':>9} "
           f"{'x copy':>7} {'x launch':>8}")
@@ -238,7 +246,7 @@ def main() -> int:
     machine = {"gpu": torch.cuda.get_device_name() if not dry else "none (dry run)", "torch": torch.__version__,
                "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     path = out_dir / ("bench_repair_gpu_dry.json" if dry else "bench_repair_gpu.json")
-    path.write_text(json.dumps({"machine": machine, "results": rows, "failures": failures}, indent=1) + "\n")
+    path.write_text(json.dumps({"machine": machine, "results": rows, "triton_windows": windows, "failures": failures}, indent=1) + "\n")
     print(f"saved {path}")
     for f in failures:
         print("MISMATCH", f)

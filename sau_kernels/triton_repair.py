@@ -5,13 +5,14 @@ torch.ops.sau.repair / repair_out for the CUDA dispatch key when the Triton back
 chosen (for the CPU key under TRITON_INTERPRET=1), so there is one operator whatever the
 backend. This module imports triton; nothing imports it until that backend is used.
 
-Each program owns one image and a BLOCK_H x BLOCK_W window of y (the blended
-latent) including the blur halo, so it writes an output tile of
-(BLOCK_H - 2r) x (BLOCK_W - 2r). It computes the mask class of every window
-pixel once (a loop over channels), then per channel: y, the horizontal taps,
-the vertical taps. Triton has no shared memory to shift through, so the
-separable passes shift the register tile with tl.gather. With coverage asked,
-each program also adds the M1 and M2 counts of its own tile to its image's row.
+Each program owns one image and a BLOCK_H x BLOCK_W window of it, every channel, including
+the blur halo, so it writes an output tile of (BLOCK_H - 2r) x (BLOCK_W - 2r). It reads
+the window of z_p, z_c and delta once from global memory as (channels, rows, columns)
+tiles, reduces the channels to the mask class of each pixel, blends y and blurs it in
+registers: Triton has no shared memory to shift through, so the separable passes shift
+the tile with tl.gather. With coverage asked, each program also adds the M1 and M2 counts
+of its own tile to its image's row. The window's shape and warps are autotuned on the GPU
+(`_window_configs`); the interpreter runs one fixed window.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _MAX_GRID_Z = 65535
 
 
 @triton.jit
-def _repair_kernel(
+def _repair_window(
     zp_ptr, zc_ptr, delta_ptr, act_ptr, out_ptr, cov_ptr,
     C, H, W,
     zp_sb, zp_sc, zp_sh, zp_sw,
@@ -38,13 +39,14 @@ def _repair_kernel(
     tau1, tau2, gate, sigma,
     cp0, cp1, cp2, cp3, cc0, cc1, cc2, cc3,
     HAS_GATE: tl.constexpr, DIFFERENCE: tl.constexpr, RADIUS: tl.constexpr, HAS_COV: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    C_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     OUT_H: tl.constexpr = BLOCK_H - 2 * RADIUS
     OUT_W: tl.constexpr = BLOCK_W - 2 * RADIUS
     h0 = tl.program_id(1) * OUT_H
     w0 = tl.program_id(0) * OUT_W
     b = tl.program_id(2).to(tl.int64)
+    ch = tl.arange(0, C_BLOCK)
     i = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_W)
 
@@ -55,34 +57,27 @@ def _repair_kernel(
     hh = tl.where(hh < 0, -hh, tl.where(hh >= H, 2 * (H - 1) - hh, hh))
     ww = tl.minimum(w0 - RADIUS + j, W - 1 + RADIUS)
     ww = tl.where(ww < 0, -ww, tl.where(ww >= W, 2 * (W - 1) - ww, ww))
-    hh = hh.to(tl.int64)[:, None]
-    ww = ww.to(tl.int64)[None, :]
-    zp_win = zp_ptr + b * zp_sb + hh * zp_sh + ww * zp_sw
-    zc_win = zc_ptr + b * zc_sb + hh * zc_sh + ww * zc_sw
-    dl_off = hh * W + ww
+    c3 = ch.to(tl.int64)[:, None, None]
+    h3 = hh.to(tl.int64)[None, :, None]
+    w3 = ww.to(tl.int64)[None, None, :]
+    c_ok = (ch < C)[:, None, None]  # C_BLOCK is C rounded up to a power of two
+
+    # The whole window, every channel, read once from global memory.
+    zp = tl.load(zp_ptr + b * zp_sb + c3 * zp_sc + h3 * zp_sh + w3 * zp_sw, mask=c_ok, other=0.0).to(tl.float32)
+    zc = tl.load(zc_ptr + b * zc_sb + c3 * zc_sc + h3 * zc_sh + w3 * zc_sw, mask=c_ok, other=0.0).to(tl.float32)
+    d = tl.load(delta_ptr + c3 * H * W + h3 * W + w3, mask=c_ok, other=0.0)
 
     # Cosine of v with delta over the channels, then the mask class per pixel.
-    dot = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-    vv = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-    dd = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-    p_ptr = zp_win
-    q_ptr = zc_win
-    d_ptr = delta_ptr + dl_off
-    for _c in range(C):
-        v = tl.load(p_ptr).to(tl.float32)
-        if DIFFERENCE:
-            v = v - tl.load(q_ptr).to(tl.float32)
-        d = tl.load(d_ptr)
-        dot += v * d
-        vv += v * v
-        dd += d * d
-        p_ptr += zp_sc
-        q_ptr += zc_sc
-        d_ptr += H * W
+    v = zp
+    if DIFFERENCE:
+        v = zp - zc
+    dot = tl.sum(v * d, axis=0)
+    vv = tl.sum(v * v, axis=0)
+    dd = tl.sum(d * d, axis=0)
     # IEEE sqrt and division: the thresholds below must see the same S as the
     # C++ and CUDA kernels, not a 2-ulp approximation.
     s = tl.div_rn(dot, tl.maximum(tl.sqrt_rn(vv), 1e-8) * tl.maximum(tl.sqrt_rn(dd), 1e-8))
-    a = tl.load(act_ptr + dl_off)
+    a = tl.load(act_ptr + hh.to(tl.int64)[:, None] * W + ww.to(tl.int64)[None, :])
     m1 = s > tau1
     if HAS_GATE:
         m1 = m1 & (a > gate)
@@ -95,37 +90,63 @@ def _repair_kernel(
         tl.atomic_add(cov_ptr + b * cov_sb, tl.sum(tl.where(own & m1, 1.0, 0.0)))
         tl.atomic_add(cov_ptr + b * cov_sb + cov_sc, tl.sum(tl.where(own & m2, 1.0, 0.0)))
 
-    # Taps' normaliser (the taps themselves are two flops each, recomputed).
-    norm = 0.0
-    for t in tl.static_range(2 * RADIUS + 1):
-        norm += tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma))
+    y = cp[None, :, :] * zp + cc[None, :, :] * zc
+    if RADIUS == 0:
+        res = y
+    else:
+        # Taps' normaliser (the taps themselves are two flops each, recomputed).
+        norm = 0.0
+        for t in tl.static_range(2 * RADIUS + 1):
+            norm += tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma))
+        # Triton has no shared memory to shift through: the separable passes shift the
+        # register tile with tl.gather (index j + t of the window for output column j,
+        # clamped: those lanes are masked at the store).
+        col = tl.broadcast_to(j[None, None, :], (C_BLOCK, BLOCK_H, BLOCK_W))
+        row = tl.broadcast_to(i[None, :, None], (C_BLOCK, BLOCK_H, BLOCK_W))
+        hb = tl.zeros([C_BLOCK, BLOCK_H, BLOCK_W], tl.float32)
+        for t in tl.static_range(2 * RADIUS + 1):
+            g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
+            hb += g * tl.gather(y, tl.minimum(col + t, BLOCK_W - 1), axis=2)
+        res = tl.zeros([C_BLOCK, BLOCK_H, BLOCK_W], tl.float32)
+        for t in tl.static_range(2 * RADIUS + 1):
+            g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
+            res += g * tl.gather(hb, tl.minimum(row + t, BLOCK_H - 1), axis=1)
 
-    oh = h0 + i
-    ow = w0 + j
-    o_mask = ((i < OUT_H) & (oh < H))[:, None] & ((j < OUT_W) & (ow < W))[None, :]
-    o_ptr = out_ptr + b * out_sb + oh.to(tl.int64)[:, None] * out_sh + ow.to(tl.int64)[None, :] * out_sw
-    # Index j + t of the window for output column j (clamped: masked lanes only).
-    col = tl.broadcast_to(j[None, :], (BLOCK_H, BLOCK_W))
-    row = tl.broadcast_to(i[:, None], (BLOCK_H, BLOCK_W))
-    p_ptr = zp_win
-    q_ptr = zc_win
-    for _c in range(C):
-        y = cp * tl.load(p_ptr).to(tl.float32) + cc * tl.load(q_ptr).to(tl.float32)
-        if RADIUS == 0:
-            res = y
-        else:
-            hb = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-            for t in tl.static_range(2 * RADIUS + 1):
-                g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
-                hb += g * tl.gather(y, tl.minimum(col + t, BLOCK_W - 1), axis=1)
-            res = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-            for t in tl.static_range(2 * RADIUS + 1):
-                g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
-                res += g * tl.gather(hb, tl.minimum(row + t, BLOCK_H - 1), axis=0)
-        tl.store(o_ptr, res.to(out_ptr.dtype.element_ty), mask=o_mask)
-        p_ptr += zp_sc
-        q_ptr += zc_sc
-        o_ptr += out_sc
+    oh = (h0 + i).to(tl.int64)[None, :, None]
+    ow = (w0 + j).to(tl.int64)[None, None, :]
+    o_mask = c_ok & ((i < OUT_H) & (h0 + i < H))[None, :, None] & ((j < OUT_W) & (w0 + j < W))[None, None, :]
+    tl.store(out_ptr + b * out_sb + c3 * out_sc + oh * out_sh + ow * out_sw,
+             res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _window_configs() -> list:
+    """The windows the autotuner times on the GPU (a halo of 2r rows and columns makes wide
+    windows cheaper per output pixel, big ones cost registers); the interpreter, whose cost
+    is per program rather than per element, runs one big window without timing anything."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64}, num_warps=4)]
+    shapes = ((16, 64), (32, 32), (32, 64), (16, 128), (64, 64))
+    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w in shapes for nw in (4, 8)]
+
+
+def _fitting_windows(configs, named_args, **kwargs):
+    """Windows at least four radii across (half of each row and column is output); if none
+    is, the widest ones."""
+    radius = kwargs["RADIUS"]
+    fit = [c for c in configs if min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) >= 4 * radius]
+    if fit:
+        return fit
+    widest = max(min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in configs)
+    return [c for c in configs if min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) == widest]
+
+
+# Tuned once per shape, blur, mode and dtype (triton adds the tensors' dtypes to the key),
+# on the first call: warm up before capturing a CUDA graph. Timing runs add coverage counts,
+# so the autotuner zeroes them before each run and before the chosen one.
+_repair_tuned = triton.autotune(
+    configs=_window_configs(), key=["C", "H", "W", "RADIUS", "HAS_GATE", "DIFFERENCE", "HAS_COV"],
+    prune_configs_by={"early_config_prune": _fitting_windows}, reset_to_zero=["cov_ptr"],
+)(_repair_window)
 
 
 def _sigmoid(x: float) -> float:
@@ -157,28 +178,29 @@ def _launch(z_p, z_c, delta, act, out, coverage, tau1, tau2, k, alpha, blur_sigm
     if B == 0:
         return
     radius = 0 if blur_ksize == 1 or blur_sigma == 0 else blur_ksize // 2
-    # The window must outgrow its halo; 32 keeps 28 of 32 columns useful at r = 2.
-    # The interpreter's cost is per program, not per element: use big windows there.
-    if block is None:
-        block = 32 if radius <= 7 and not _INTERPRET else 64
-    out_tile = block - 2 * radius
     cp, cc = blend_coeffs(k, alpha, blend)
     cov = coverage if coverage is not None else out  # a placeholder pointer when HAS_COV is off
     cov_strides = coverage.stride() if coverage is not None else (0, 0)
+    if block is None:
+        kernel, window = _repair_tuned, {}
+    else:  # a fixed window (tests): (BLOCK_H, BLOCK_W)
+        kernel, window = _repair_window, dict(BLOCK_H=block[0], BLOCK_W=block[1], num_warps=4)
     for b0 in range(0, B, _MAX_GRID_Z):  # the batch is grid axis 2, at most 65535 programs
         zp, zc, o = z_p[b0:b0 + _MAX_GRID_Z], z_c[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
         cv = cov[b0:b0 + _MAX_GRID_Z] if coverage is not None else cov
-        grid = (triton.cdiv(W, out_tile), triton.cdiv(H, out_tile), zp.shape[0])
-        _repair_kernel[grid](
+
+        def grid(meta, n=zp.shape[0]):
+            return (triton.cdiv(W, meta["BLOCK_W"] - 2 * radius), triton.cdiv(H, meta["BLOCK_H"] - 2 * radius), n)
+
+        kernel[grid](
             zp, zc, delta, act, o, cv,
             C, H, W,
             *zp.stride(), *zc.stride(), *o.stride(), *cov_strides,
             tau1, tau2, 0.0 if gate is None else gate, blur_sigma if radius else 1.0,
             *cp, *cc,
             HAS_GATE=gate is not None, DIFFERENCE=similarity == "difference", RADIUS=radius,
-            HAS_COV=coverage is not None,
-            BLOCK_H=block, BLOCK_W=block,
-            num_warps=4,
+            HAS_COV=coverage is not None, C_BLOCK=triton.next_power_of_2(C),
+            **window,
         )
     if coverage is not None:
         coverage.div_(H * W)  # counts -> means (fp32 division, as torch's mean of the mask)

@@ -186,14 +186,16 @@ def test_triton_matches_reference(case):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
-def test_triton_small_window_tiles():
-    # The GPU's 32-wide windows (the interpreter defaults to 64): several tiles per image.
+@pytest.mark.parametrize("block", [(32, 32), (16, 64), (16, 128)])
+def test_triton_small_window_tiles(block):
+    # The windows the GPU's autotuner chooses among (the interpreter runs 64 x 64): several
+    # tiles per image, 3 channels rounded up to 4 (masked), a halo of two.
     from sau_kernels import triton_repair
 
     z_p, z_c, delta, act = make_inputs((2, 3, 45, 70), seed=5)
     out, coverage = torch.empty_like(z_p), torch.full((2, 2), float("nan"))
     triton_repair._launch(z_p, z_c, delta, act, out, coverage, 0.5, 0.3, 12.0, 1.0, 1.0, 5, "convex", "latent",
-                          None, block=32)
+                          None, block=block)
     assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, blur_sigma=1.0), torch.float32)
     assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act))
 
