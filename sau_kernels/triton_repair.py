@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_H, BLOCK_W) windows the GPU's autotuner times (benchmarks/triton_ptx.py compiles each).
+GPU_WINDOWS = ((16, 64), (32, 32), (32, 64), (16, 128), (64, 64))
 _MAX_GRID_Z = 65535
 
 
@@ -125,8 +127,7 @@ def _window_configs() -> list:
     is per program rather than per element, runs one big window without timing anything."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64}, num_warps=4)]
-    shapes = ((16, 64), (32, 32), (32, 64), (16, 128), (64, 64))
-    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w in shapes for nw in (4, 8)]
+    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w in GPU_WINDOWS for nw in (4, 8)]
 
 
 def _fitting_windows(configs, named_args, **kwargs):
