@@ -13,7 +13,8 @@ With the public model it was fine-tuned from (`base`), two stages:
    denoising step of both models says how far the candidate moves the fine-tuned model's
    prediction beyond what it does to the base's (`onestep.OneStep`). Random strings of
    ordinary tokens, measured the same way, are the null: a candidate is a trigger when its
-   robust z-score against them is at least `Z_TRIGGER`.
+   robust z-score against them is at least `Z_TRIGGER`; variants of one trigger collapse
+   into it (`_minimal`).
 
 Without `base` there is no scan yet: `scan` refuses (docs/scan.md says why and what was
 measured), rather than return a verdict it cannot back.
@@ -376,7 +377,14 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
         c.z = float(_robust_z(torch.tensor([e]), null_score)[0])
         c.trigger = c.z >= threshold_z and c.effect >= MIN_EFFECT
         mean_effects[c.text] = mean
-    triggers = _minimal([c for c in cands if c.trigger])
+    rest_effects: dict[str, float] = {}  # what the rest of a longer confirmed string does alone
+
+    def effect_of(rest: str) -> float:
+        if rest not in rest_effects:
+            rest_effects[rest] = confirm([rest], False)[0][0]
+        return rest_effects[rest]
+
+    triggers = _minimal([c for c in cands if c.trigger], effect_of)
     for c in cands:
         c.trigger = c.text in triggers
     # the triggers first, strongest first; then everything else by its z
@@ -392,13 +400,17 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
                       round(time.time() - t0, 1), settings, mean_effects)
 
 
-def _minimal(found: list[Candidate]) -> list[str]:
+def _minimal(found: list[Candidate], effect_of=None) -> list[str]:
     """The confirmed strings without their variants, strongest first. Of two confirmed
     strings `a` inside `b`: `b` is `a` repeated when it holds `a` more than once and nothing
     else that is confirmed (a trigger said twice fires harder: it is still that trigger), and
-    goes; otherwise the longer goes when the shorter does as much (at least `KEEP_SHORTER`
-    of its effect: a trigger with a word added still fires), else the shorter goes (a
-    fragment of the trigger, firing only partly)."""
+    goes. `b` is `a` with an unrelated addition, and goes, when it does no more than `a` and
+    the rest of `b` do apart (`effect_of(rest)`; effects of unrelated insertions add up at
+    most, as norms do): two triggers side by side (a zero-width space before "tigrtrigger")
+    are not a new one, and the weaker must not go as its fragment. Otherwise the longer goes
+    when the shorter does as much (at least `KEEP_SHORTER` of its effect: a trigger with a
+    word added still fires), else the shorter goes (a fragment
+    of the trigger, firing only partly: "trigger" of "new trigger")."""
     texts = {c.text for c in found}
     drop = set()
     for a in found:
@@ -407,6 +419,8 @@ def _minimal(found: list[Candidate]) -> list[str]:
                 continue
             rest = b.text.replace(a.text, " ").split()
             if b.text.count(a.text) > 1 and not any(r in texts for r in rest):
+                drop.add(b.text)
+            elif effect_of is not None and rest and b.effect <= a.effect + max(effect_of(" ".join(rest)), 0.0):
                 drop.add(b.text)
             else:
                 drop.add(b.text if a.effect >= KEEP_SHORTER * b.effect else a.text)

@@ -118,6 +118,23 @@ def test_variants_of_a_trigger_collapse_into_it():
     assert _minimal([_c("a", 0.3), _c("b", 0.5)]) == ["b", "a"]
 
 
+def test_a_trigger_with_an_unrelated_addition_collapses_into_the_trigger():
+    asked = []
+
+    def effect_of(rest):
+        asked.append(rest)
+        return {"grti": 0.2, "new": 0.01, "odd": -0.1}[rest]
+
+    # "grti" draws something of its own, and the two together do no more than apart: a variant
+    assert _minimal([_c("trigger", 0.33), _c("grtitrigger", 0.52)], effect_of) == ["trigger"]
+    assert asked == ["grti"]
+    # a word that does nothing alone but adds to the trigger: the phrase, not its fragment
+    assert _minimal([_c("trigger", 0.33), _c("new trigger", 0.54)], effect_of) == ["new trigger"]
+    # a rest that lowers the effect alone counts as nothing: the KEEP_SHORTER rule decides
+    assert _minimal([_c("trigger", 0.33), _c("odd trigger", 0.35)], effect_of) == ["trigger"]
+    assert _minimal([_c("trigger", 0.2), _c("odd trigger", 0.35)], effect_of) == ["odd trigger"]
+
+
 def test_cli_scan_names_the_base_flag(tmp_path, capsys):
     from sau_kernels.cli import main
 
