@@ -5,9 +5,9 @@
 
 Triton lowers the kernel to PTX and assembles it to a cubin (its wheel ships the
 assembler), so a kernel that does not compile for the GPU fails here, on any machine. Per
-window and warp count it prints the registers and local memory (spills) cuobjdump reads in
-the cubin, the shared memory, and how the global loads came out (a vector load moves 8 or
-16 bytes per lane, a scalar one 2 or 4).
+window, halo and warp count it prints the registers and local memory (spills) cuobjdump
+reads in the cubin, the shared memory, and how wide the global loads and stores came out
+(bytes per lane: 16 is a 128-bit access).
 Exit status 1 if any window fails to compile. The interpreter flag must be off: the
 script sets TRITON_INTERPRET=0 before triton is imported.
 """
@@ -29,22 +29,44 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from sau_kernels import triton_repair  # noqa: E402
 
-CONSTEXPR = ("HAS_GATE", "DIFFERENCE", "RADIUS", "HAS_COV", "C_BLOCK", "BLOCK_H", "BLOCK_W")
+CONSTEXPR = ("HAS_GATE", "DIFFERENCE", "RADIUS", "HAS_COV", "C_BLOCK", "BLOCK_H", "BLOCK_W", "ALIGN_HALO")
 SCALARS = ("tau1", "tau2", "gate", "sigma", "cp0", "cp1", "cp2", "cp3", "cc0", "cc1", "cc2", "cc3")
 
 
-def signature(dtype: str) -> dict[str, str]:
-    sig = {}
-    for name in triton_repair._repair_window.arg_names:
+def specialisation(dtype: str, shape: tuple[int, int, int, int]) -> tuple[dict, dict, dict]:
+    """The signature, constants and attributes triton's launcher would give the kernel for
+    contiguous (B, C, H, W) inputs: pointers 16-byte aligned, integers equal to 1 made
+    constants, integers divisible by 16 marked so (what lets it prove 128-bit accesses)."""
+    B, C, H, W = shape
+    strides = (C * H * W, H * W, W, 1)
+    ints = dict(C=C, H=H, W=W, cov_sb=2, cov_sc=1)
+    for name in ("zp", "zc", "out"):
+        ints.update(zip((f"{name}_sb", f"{name}_sc", f"{name}_sh", f"{name}_sw"), strides))
+    sig, consts, attrs = {}, {}, {}
+    for k, name in enumerate(triton_repair._repair_window.arg_names):
         if name in CONSTEXPR:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype}" if name in ("zp_ptr", "zc_ptr", "out_ptr") else "*fp32"
+            attrs[(k,)] = [["tt.divisibility", 16]]
         elif name in SCALARS:
             sig[name] = "fp32"
+        elif ints[name] == 1:
+            sig[name], consts[name] = "constexpr", 1
         else:
             sig[name] = "i32"
-    return sig
+            if ints[name] % 16 == 0:
+                attrs[(k,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def access_widths(ptx: str, op: str) -> str:
+    """Global loads or stores in the PTX by bytes per lane, e.g. '9 x 16 B'."""
+    counts: dict[int, int] = {}
+    for vec, bits in re.findall(rf"{op}\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        size = int(vec or 1) * int(bits) // 8
+        counts[size] = counts.get(size, 0) + 1
+    return ", ".join(f"{n} x {size} B" for size, n in sorted(counts.items(), reverse=True)) or "none"
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -66,27 +88,27 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     ap.add_argument("--radius", type=int, default=2)
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--width", type=int, default=64, help="H = W of the contiguous latents it specialises for")
     args = ap.parse_args()
-    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, radius {args.radius}, "
-          "gate, difference, coverage")
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, radius {args.radius}, gate, difference, "
+          f"coverage, contiguous 2x4x{args.width}x{args.width}")
     failed = 0
+    sig, consts, attrs = specialisation(args.dtype, (2, 4, args.width, args.width))
     for bh, bw in triton_repair.GPU_WINDOWS:
-        for warps in args.warps:
-            const = dict(HAS_GATE=True, DIFFERENCE=True, RADIUS=args.radius, HAS_COV=True, C_BLOCK=4,
-                         BLOCK_H=bh, BLOCK_W=bw)
-            label = f"{bh:>3}x{bw:<4} {warps} warps"
-            try:
-                kernel = triton.compile(ASTSource(triton_repair._repair_window, signature(args.dtype), const),
-                                        target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps))
-            except Exception as e:  # a window that does not compile is what this script is for
-                failed += 1
-                print(f"{label}: FAILED to compile: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
-                continue
-            ptx = kernel.asm["ptx"]
-            vector = len(re.findall(r"ld\.global[.\w]*\.v\d", ptx))
-            scalar = len(re.findall(r"ld\.global[.\w]*\.b(?:16|32) ", ptx))
-            print(f"{label}: {resource_usage(kernel.asm['cubin'])}, {kernel.metadata.shared} bytes shared, "
-                  f"global loads in the PTX: {vector} vector, {scalar} scalar")
+        for align in (False, True):
+            for warps in args.warps:
+                const = dict(consts, HAS_GATE=True, DIFFERENCE=True, RADIUS=args.radius, HAS_COV=True, C_BLOCK=4,
+                             BLOCK_H=bh, BLOCK_W=bw, ALIGN_HALO=align)
+                label = f"{bh:>3}x{bw:<4} halo {triton_repair.halo_columns(args.radius, align):>2}, {warps} warps"
+                try:
+                    kernel = triton.compile(ASTSource(triton_repair._repair_window, sig, const, attrs),
+                                            target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps))
+                except Exception as e:  # a window that does not compile is what this script is for
+                    failed += 1
+                    print(f"{label}: FAILED to compile: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+                    continue
+                print(f"{label}: {resource_usage(kernel.asm['cubin'])}, {kernel.metadata.shared} bytes shared; "
+                      f"loads {access_widths(kernel.asm['ptx'], 'ld')}; stores {access_widths(kernel.asm['ptx'], 'st')}")
     return 1 if failed else 0
 
 

@@ -6,13 +6,16 @@ chosen (for the CPU key under TRITON_INTERPRET=1), so there is one operator what
 backend. This module imports triton; nothing imports it until that backend is used.
 
 Each program owns one image and a BLOCK_H x BLOCK_W window of it, every channel, including
-the blur halo, so it writes an output tile of (BLOCK_H - 2r) x (BLOCK_W - 2r). It reads
-the window of z_p, z_c and delta once from global memory as (channels, rows, columns)
-tiles, reduces the channels to the mask class of each pixel, blends y and blurs it in
-registers: Triton has no shared memory to shift through, so the separable passes shift
-the tile with tl.gather. With coverage asked, each program also adds the M1 and M2 counts
-of its own tile to its image's row. The window's shape and warps are autotuned on the GPU
-(`_window_configs`); the interpreter runs one fixed window.
+the blur halo. It reads the window of z_p, z_c and delta once from global memory as
+(channels, rows, columns) tiles, reduces the channels to the mask class of each pixel,
+blends y and blurs it in registers: Triton has no shared memory to shift through, so the
+separable passes shift the tile with tl.gather. Columns off the image are masked rather
+than reflected at the load (the horizontal pass gathers their reflections), so a window's
+columns are one contiguous run; with ALIGN_HALO its halo is rounded up to 8 columns and
+every access is 128-bit. With coverage asked, each program also adds the M1 and M2 counts
+of its own tile to its image's row. Window shape, halo and warps are autotuned on the GPU
+(`_window_configs`); the interpreter runs one fixed window. docs/kernels.md has the layout
+and what `benchmarks/triton_ptx.py` reads in the compiled kernel.
 """
 
 from __future__ import annotations
@@ -41,33 +44,41 @@ def _repair_window(
     tau1, tau2, gate, sigma,
     cp0, cp1, cp2, cp3, cc0, cc1, cc2, cc3,
     HAS_GATE: tl.constexpr, DIFFERENCE: tl.constexpr, RADIUS: tl.constexpr, HAS_COV: tl.constexpr,
-    C_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    C_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ALIGN_HALO: tl.constexpr,
 ):
+    # Columns of halo each side: the radius, or (ALIGN_HALO) the radius rounded up to 8
+    # elements, so that every window starts on 16 bytes and its loads can be 128-bit.
+    HALO_W: tl.constexpr = RADIUS + ALIGN_HALO * ((RADIUS + 7) // 8 * 8 - RADIUS)
     OUT_H: tl.constexpr = BLOCK_H - 2 * RADIUS
-    OUT_W: tl.constexpr = BLOCK_W - 2 * RADIUS
+    OUT_W: tl.constexpr = BLOCK_W - 2 * HALO_W
     h0 = tl.program_id(1) * OUT_H
-    w0 = tl.program_id(0) * OUT_W
+    ws = tl.program_id(0) * OUT_W - HALO_W  # the window's first column
     b = tl.program_id(2).to(tl.int64)
     ch = tl.arange(0, C_BLOCK)
     i = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_W)
 
-    # Window coordinates, reflected (index -1 reads 1, index H reads H - 2).
-    # Past the last row/column an in-bounds tile needs, clamp first: those
-    # pixels feed no output, and the clamp keeps every load in bounds.
+    # Window rows, reflected (index -1 reads 1, index H reads H - 2). Past the last row
+    # an in-bounds tile needs, clamp first: those rows feed no output, and the clamp keeps
+    # every load in bounds. Columns are not reflected here, so that a window's columns stay
+    # one contiguous run: those off the image are masked, and the horizontal pass reads
+    # their reflections, which the window holds.
     hh = tl.minimum(h0 - RADIUS + i, H - 1 + RADIUS)
     hh = tl.where(hh < 0, -hh, tl.where(hh >= H, 2 * (H - 1) - hh, hh))
-    ww = tl.minimum(w0 - RADIUS + j, W - 1 + RADIUS)
-    ww = tl.where(ww < 0, -ww, tl.where(ww >= W, 2 * (W - 1) - ww, ww))
+    ww = ws + j
+    col_ok = (ww >= 0) & (ww < W)
     c3 = ch.to(tl.int64)[:, None, None]
     h3 = hh.to(tl.int64)[None, :, None]
     w3 = ww.to(tl.int64)[None, None, :]
     c_ok = (ch < C)[:, None, None]  # C_BLOCK is C rounded up to a power of two
+    in_image = c_ok & col_ok[None, None, :]
 
     # The whole window, every channel, read once from global memory.
-    zp = tl.load(zp_ptr + b * zp_sb + c3 * zp_sc + h3 * zp_sh + w3 * zp_sw, mask=c_ok, other=0.0).to(tl.float32)
-    zc = tl.load(zc_ptr + b * zc_sb + c3 * zc_sc + h3 * zc_sh + w3 * zc_sw, mask=c_ok, other=0.0).to(tl.float32)
-    d = tl.load(delta_ptr + c3 * H * W + h3 * W + w3, mask=c_ok, other=0.0)
+    zp = tl.load(zp_ptr + b * zp_sb + c3 * zp_sc + h3 * zp_sh + w3 * zp_sw, mask=in_image, other=0.0)
+    zc = tl.load(zc_ptr + b * zc_sb + c3 * zc_sc + h3 * zc_sh + w3 * zc_sw, mask=in_image, other=0.0)
+    d = tl.load(delta_ptr + c3 * H * W + h3 * W + w3, mask=in_image, other=0.0)
+    zp = zp.to(tl.float32)
+    zc = zc.to(tl.float32)
 
     # Cosine of v with delta over the channels, then the mask class per pixel.
     v = zp
@@ -79,7 +90,7 @@ def _repair_window(
     # IEEE sqrt and division: the thresholds below must see the same S as the
     # C++ and CUDA kernels, not a 2-ulp approximation.
     s = tl.div_rn(dot, tl.maximum(tl.sqrt_rn(vv), 1e-8) * tl.maximum(tl.sqrt_rn(dd), 1e-8))
-    a = tl.load(act_ptr + hh.to(tl.int64)[:, None] * W + ww.to(tl.int64)[None, :])
+    a = tl.load(act_ptr + hh.to(tl.int64)[:, None] * W + ww.to(tl.int64)[None, :], mask=col_ok[None, :], other=0.0)
     m1 = s > tau1
     if HAS_GATE:
         m1 = m1 & (a > gate)
@@ -88,7 +99,7 @@ def _repair_window(
     cc = tl.where(m1, tl.where(m2, cc3, cc2), tl.where(m2, cc1, cc0))
     if HAS_COV:  # counts over the program's own tile, not its halo (exact in fp32)
         own = ((i >= RADIUS) & (i < RADIUS + OUT_H) & (h0 - RADIUS + i < H))[:, None] & \
-              ((j >= RADIUS) & (j < RADIUS + OUT_W) & (w0 - RADIUS + j < W))[None, :]
+              ((j >= HALO_W) & (j < HALO_W + OUT_W) & (ww < W))[None, :]
         tl.atomic_add(cov_ptr + b * cov_sb, tl.sum(tl.where(own & m1, 1.0, 0.0)))
         tl.atomic_add(cov_ptr + b * cov_sb + cov_sc, tl.sum(tl.where(own & m2, 1.0, 0.0)))
 
@@ -101,44 +112,62 @@ def _repair_window(
         for t in tl.static_range(2 * RADIUS + 1):
             norm += tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma))
         # Triton has no shared memory to shift through: the separable passes shift the
-        # register tile with tl.gather (index j + t of the window for output column j,
-        # clamped: those lanes are masked at the store).
-        col = tl.broadcast_to(j[None, None, :], (C_BLOCK, BLOCK_H, BLOCK_W))
+        # register tile with tl.gather. Horizontal: window column j takes columns j - r .. j
+        # + r, each reflected at the image's edges (clamped where no output needs it: those
+        # lanes are masked at the store). Vertical: output row i takes window rows i .. i + 2r.
         row = tl.broadcast_to(i[None, :, None], (C_BLOCK, BLOCK_H, BLOCK_W))
         hb = tl.zeros([C_BLOCK, BLOCK_H, BLOCK_W], tl.float32)
         for t in tl.static_range(2 * RADIUS + 1):
             g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
-            hb += g * tl.gather(y, tl.minimum(col + t, BLOCK_W - 1), axis=2)
+            src = ww + (t - RADIUS)
+            src = tl.where(src < 0, -src, tl.where(src >= W, 2 * (W - 1) - src, src)) - ws
+            src = tl.minimum(tl.maximum(src, 0), BLOCK_W - 1)
+            hb += g * tl.gather(y, tl.broadcast_to(src[None, None, :], (C_BLOCK, BLOCK_H, BLOCK_W)), axis=2)
         res = tl.zeros([C_BLOCK, BLOCK_H, BLOCK_W], tl.float32)
         for t in tl.static_range(2 * RADIUS + 1):
             g = tl.exp(-((t - RADIUS) * (t - RADIUS)) / (2.0 * sigma * sigma)) / norm
             res += g * tl.gather(hb, tl.minimum(row + t, BLOCK_H - 1), axis=1)
 
     oh = (h0 + i).to(tl.int64)[None, :, None]
-    ow = (w0 + j).to(tl.int64)[None, None, :]
-    o_mask = c_ok & ((i < OUT_H) & (h0 + i < H))[None, :, None] & ((j < OUT_W) & (w0 + j < W))[None, None, :]
-    tl.store(out_ptr + b * out_sb + c3 * out_sc + oh * out_sh + ow * out_sw,
+    o_mask = c_ok & ((i < OUT_H) & (h0 + i < H))[None, :, None] & \
+        ((j >= HALO_W) & (j < HALO_W + OUT_W) & (ww < W))[None, None, :]
+    tl.store(out_ptr + b * out_sb + c3 * out_sc + oh * out_sh + w3 * out_sw,
              res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def halo_columns(radius: int, align: bool) -> int:
+    """Columns of halo each side of a window (HALO_W in the kernel)."""
+    return -(-radius // 8) * 8 if align else radius
 
 
 def _window_configs() -> list:
     """The windows the autotuner times on the GPU (a halo of 2r rows and columns makes wide
-    windows cheaper per output pixel, big ones cost registers); the interpreter, whose cost
-    is per program rather than per element, runs one big window without timing anything."""
+    windows cheaper per output pixel, big ones cost registers; an aligned halo buys 128-bit
+    loads with wider halo columns); the interpreter, whose cost is per program rather than
+    per element, runs one big window without timing anything."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=nw) for h, w in GPU_WINDOWS for nw in (4, 8)]
+        return [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64, "ALIGN_HALO": False}, num_warps=4)]
+    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w, "ALIGN_HALO": align}, num_warps=nw)
+            for h, w in GPU_WINDOWS for align in (False, True) for nw in (4, 8)]
 
 
 def _fitting_windows(configs, named_args, **kwargs):
-    """Windows at least four radii across (half of each row and column is output); if none
-    is, the widest ones."""
+    """Windows with at least half of each row and column output, one of each that behaves
+    alike (an aligned halo of a radius already a multiple of 8 is the plain one); if none
+    fits, the widest."""
     radius = kwargs["RADIUS"]
-    fit = [c for c in configs if min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) >= 4 * radius]
-    if fit:
-        return fit
-    widest = max(min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in configs)
-    return [c for c in configs if min(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) == widest]
+
+    def output_share(c) -> float:
+        cols = c.kwargs["BLOCK_W"] - 2 * halo_columns(radius, c.kwargs["ALIGN_HALO"])
+        return min((c.kwargs["BLOCK_H"] - 2 * radius) / c.kwargs["BLOCK_H"], cols / c.kwargs["BLOCK_W"])
+
+    fit, seen = [], set()
+    for c in sorted(configs, key=lambda c: c.kwargs["ALIGN_HALO"]):
+        same = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], halo_columns(radius, c.kwargs["ALIGN_HALO"]), c.num_warps)
+        if output_share(c) >= 0.5 and same not in seen:
+            seen.add(same)
+            fit.append(c)
+    return fit or [max(configs, key=output_share)]
 
 
 # Tuned once per shape, blur, mode and dtype (triton adds the tensors' dtypes to the key),
@@ -184,14 +213,16 @@ def _launch(z_p, z_c, delta, act, out, coverage, tau1, tau2, k, alpha, blur_sigm
     cov_strides = coverage.stride() if coverage is not None else (0, 0)
     if block is None:
         kernel, window = _repair_tuned, {}
-    else:  # a fixed window (tests): (BLOCK_H, BLOCK_W)
-        kernel, window = _repair_window, dict(BLOCK_H=block[0], BLOCK_W=block[1], num_warps=4)
+    else:  # a fixed window (tests): (BLOCK_H, BLOCK_W, ALIGN_HALO)
+        kernel = _repair_window
+        window = dict(BLOCK_H=block[0], BLOCK_W=block[1], ALIGN_HALO=block[2], num_warps=4)
     for b0 in range(0, B, _MAX_GRID_Z):  # the batch is grid axis 2, at most 65535 programs
         zp, zc, o = z_p[b0:b0 + _MAX_GRID_Z], z_c[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
         cv = cov[b0:b0 + _MAX_GRID_Z] if coverage is not None else cov
 
         def grid(meta, n=zp.shape[0]):
-            return (triton.cdiv(W, meta["BLOCK_W"] - 2 * radius), triton.cdiv(H, meta["BLOCK_H"] - 2 * radius), n)
+            out_w = meta["BLOCK_W"] - 2 * halo_columns(radius, meta["ALIGN_HALO"])
+            return (triton.cdiv(W, out_w), triton.cdiv(H, meta["BLOCK_H"] - 2 * radius), n)
 
         kernel[grid](
             zp, zc, delta, act, o, cv,

@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -196,7 +197,8 @@ def _triton_gpu_compiler() -> bool:
 @pytest.mark.skipif(not _triton_gpu_compiler(), reason="triton's NVIDIA backend is not installed")
 def test_triton_kernel_compiles_for_the_gpu(tmp_path):
     # Without a GPU: every window the autotuner times lowers to PTX and assembles for sm_90
-    # (fp16, every mode on), so a kernel the GPU cannot compile fails here, not on first use.
+    # (fp16, every mode on, contiguous 64x64 latents), so a kernel the GPU cannot compile
+    # fails here, not on first use.
     from sau_kernels.triton_repair import GPU_WINDOWS
 
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_ptx.py")
@@ -205,21 +207,34 @@ def test_triton_kernel_compiles_for_the_gpu(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     compiled = [line for line in res.stdout.splitlines() if "registers" in line]
-    assert len(compiled) == len(GPU_WINDOWS), res.stdout
+    assert len(compiled) == 2 * len(GPU_WINDOWS), res.stdout  # each window, plain and aligned halo
+    # windows whose halo is aligned to 8 columns read and write in 128-bit accesses only
+    aligned = [line for line in compiled if "halo  8" in line]
+    assert len(aligned) == len(GPU_WINDOWS)
+    for line in aligned:
+        loads, stores = line.split("; loads ")[1].split("; stores ")
+        assert set(re.findall(r"x (\d+) B", loads)) == {"16"} and set(re.findall(r"x (\d+) B", stores)) == {"16"}, line
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block", [(32, 32), (16, 64), (16, 128)])
-def test_triton_small_window_tiles(block):
-    # The windows the GPU's autotuner chooses among (the interpreter runs 64 x 64): several
-    # tiles per image, 3 channels rounded up to 4 (masked), a halo of two.
+@pytest.mark.parametrize("shape,ksize,block", [
+    ((2, 3, 45, 70), 5, (32, 32, False)), ((2, 3, 45, 70), 5, (16, 64, False)), ((2, 3, 45, 70), 5, (16, 128, False)),
+    ((2, 3, 45, 70), 5, (16, 64, True)), ((2, 3, 45, 70), 5, (32, 32, True)),  # halo 8: 16 of 32 columns out
+    ((1, 4, 9, 6), 5, (16, 32, True)),  # the whole image inside one window, both edges reflected in it
+    ((1, 2, 40, 37), 15, (32, 64, True)), ((1, 2, 40, 37), 19, (64, 64, True)),  # halos of 8 and 16
+])
+def test_triton_small_window_tiles(shape, ksize, block):
+    # The windows the GPU's autotuner chooses among (the interpreter runs 64 x 64, plain
+    # halo): several tiles per image, channels rounded up to a power of two (masked), plain
+    # halos and halos aligned to 8 columns.
     from sau_kernels import triton_repair
 
-    z_p, z_c, delta, act = make_inputs((2, 3, 45, 70), seed=5)
-    out, coverage = torch.empty_like(z_p), torch.full((2, 2), float("nan"))
-    triton_repair._launch(z_p, z_c, delta, act, out, coverage, 0.5, 0.3, 12.0, 1.0, 1.0, 5, "convex", "latent",
+    z_p, z_c, delta, act = make_inputs(shape, seed=5)
+    out, coverage = torch.empty_like(z_p), torch.full((shape[0], 2), float("nan"))
+    triton_repair._launch(z_p, z_c, delta, act, out, coverage, 0.5, 0.3, 12.0, 1.0, 1.0, ksize, "convex", "latent",
                           None, block=block)
-    assert_matches_reference(out, reference.repair(z_p, z_c, delta, act, blur_sigma=1.0), torch.float32)
+    expected = reference.repair(z_p, z_c, delta, act, blur_sigma=1.0, blur_ksize=ksize)
+    assert_matches_reference(out, expected, torch.float32)
     assert torch.equal(coverage, reference.repair_coverage(z_p, z_c, delta, act))
 
 
