@@ -8,21 +8,23 @@
 # marked * are estimates, not yet run on a GPU):
 #   1. build sau_kernels._C with the CUDA kernel in place, sm_90 [34]
 #   2. tests/test_gpu.py: cuda and compiled triton against the reference, with mask coverage,
-#      opcheck, CUDA graph replay, torch.compile [63; ~70*]
+#      opcheck, CUDA graph replay, torch.compile; Triton in one pinned window, and the
+#      autotuner once in a process of its own [63 before the autotuner; ~120*]
 #   3. benchmarks/bench_repair_gpu.py: eager / compile / triton / cuda (+ coverage), GB/s against
 #      a copy of the same bytes at 256x4x128x128 fp16 and 64x4x128x128 fp32; call overhead at
-#      1x4x64x64 fp16 against an empty launch; CUDA-graph replay against a graph of the copy [41; ~70*]
+#      1x4x64x64 fp16 against an empty launch; CUDA-graph replay against a graph of the copy;
+#      the Triton window the autotuner chose per shape [41 before the autotuner; ~100*]
 #   4. ncu (when `ncu` is on the PATH): Nsight Compute's speed-of-light and memory sections for
 #      each repair kernel at the two big shapes, benchmarks/ncu_repair.py [~60*]
 #   5. benchmarks/bench_pipeline.py --sd15: SAU's end-to-end cost on an SD 1.5-sized pipeline
 #      (random weights, 512 px, fp16, SDPA), eager: latency at batch 1 and 4, throughput, shares [~180]
 #   6. bench_pipeline_compile: the same with torch.compile of the UNet, latency at batch 1,
 #      final mode [~190 with a warm Inductor cache; compiles at batch 2 and 4]
-# Steps 1-5 are the default (typically ~420 s; worst case, every step at its limit, 565 s: one
-# 10-minute call); step 6 does not fit beside them, so it is a second call on the same warm
+# Steps 1-5 are the default (typically ~480 s with the Triton autotuner's compiles; worst
+# case, every step at its limit, 580 s: one 10-minute call); step 6 does not fit beside them, so it is a second call on the same warm
 # machine (the build is kept):
 #   GPU_CHECK_STEPS=bench_pipeline_compile bash benchmarks/gpu_check.sh
-# The kernels alone (steps 1-4, worst case 355 s): GPU_CHECK_STEPS="test_gpu bench_gpu ncu".
+# The kernels alone (steps 1-4, worst case 380 s): GPU_CHECK_STEPS="test_gpu bench_gpu ncu".
 # test_cpu (the other repair tests and the CUDA-kernel emulation) is CI's; it runs only when named.
 # GPU_CHECK_DRY_RUN=1 checks this script where there is no GPU: no build, the benchmarks'
 # --dry-run on the CPU, no pipeline steps.
@@ -102,13 +104,16 @@ have_pytest=0
 "$PY" -c "import pytest" 2>/dev/null && have_pytest=1
 
 if [ "$have_pytest" = 1 ]; then
-  step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  # One Triton window for the grid of cases (each would otherwise tune ~20 windows, a compile
+  # each); test_triton_autotunes_windows_and_keeps_coverage_exact runs the autotuner itself.
+  step test_gpu 120 env SAU_TRITON_WINDOW="${SAU_TRITON_WINDOW:-16x64a}" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 else
   echo "pytest not importable (carry it in .whl/): GPU tests skipped; the benchmark still checks outputs"
   status=1
 fi
 
-step bench_gpu 100 "$PY" benchmarks/bench_repair_gpu.py $DRY_FLAG
+step bench_gpu 110 "$PY" benchmarks/bench_repair_gpu.py $DRY_FLAG
 
 if [ "$DRY" = 1 ]; then
   step ncu 60 "$PY" benchmarks/ncu_repair.py --dry-run
@@ -117,7 +122,7 @@ elif command -v ncu >/dev/null; then
   # stats of each repair kernel; the report file too, for ncu-ui. Counters may need
   # permissions a lent machine lacks (ERR_NVGPUCTRPERM): then the log says so and the step fails.
   export OUT_DIR PY
-  step ncu 75 bash -c 'ncu --profile-from-start off --kernel-name regex:repair --section SpeedOfLight \
+  step ncu 60 bash -c 'ncu --profile-from-start off --kernel-name regex:repair --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     -f -o "$OUT_DIR/ncu_repair" "$PY" benchmarks/ncu_repair.py \
     && ncu --import "$OUT_DIR/ncu_repair.ncu-rep" --page details | tee "$OUT_DIR/ncu_repair.txt"'
@@ -134,7 +139,7 @@ fi
 if [ "$DRY" = 1 ]; then
   echo "=== pipeline steps: skipped in a dry run"
 elif "$PY" -c "import diffusers" 2>/dev/null; then
-  step bench_pipeline 210 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
+  step bench_pipeline 200 "$PY" benchmarks/bench_pipeline.py --sd15 --device cuda --batches 1 4 \
     --repeats 2 --requests 8 --modes final per_step per_step_eps --out "$OUT_DIR/pipeline-sd15-cuda.json"
   # With torch.compile of the UNet the GPU is busier, so the triggered ratio may grow toward 2x
   # (on an H100 at batch 1 it stayed host-bound: 0.96x).

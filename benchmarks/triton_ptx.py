@@ -15,6 +15,7 @@ script sets TRITON_INTERPRET=0 before triton is imported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -87,28 +88,29 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100) or 80 (A100)")
     ap.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     ap.add_argument("--radius", type=int, default=2)
-    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--warps", type=int, nargs="+", default=None,
+                    help="compile every window with these warp counts (default: the autotuner's own)")
     ap.add_argument("--width", type=int, default=64, help="H = W of the contiguous latents it specialises for")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, radius {args.radius}, gate, difference, "
           f"coverage, contiguous 2x4x{args.width}x{args.width}")
     failed = 0
     sig, consts, attrs = specialisation(args.dtype, (2, 4, args.width, args.width))
-    for bh, bw in triton_repair.GPU_WINDOWS:
-        for align in (False, True):
-            for warps in args.warps:
-                const = dict(consts, HAS_GATE=True, DIFFERENCE=True, RADIUS=args.radius, HAS_COV=True, C_BLOCK=4,
-                             BLOCK_H=bh, BLOCK_W=bw, ALIGN_HALO=align)
-                label = f"{bh:>3}x{bw:<4} halo {triton_repair.halo_columns(args.radius, align):>2}, {warps} warps"
-                try:
-                    kernel = triton.compile(ASTSource(triton_repair._repair_window, sig, const, attrs),
-                                            target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps))
-                except Exception as e:  # a window that does not compile is what this script is for
-                    failed += 1
-                    print(f"{label}: FAILED to compile: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
-                    continue
-                print(f"{label}: {resource_usage(kernel.asm['cubin'])}, {kernel.metadata.shared} bytes shared; "
-                      f"loads {access_widths(kernel.asm['ptx'], 'ld')}; stores {access_widths(kernel.asm['ptx'], 'st')}")
+    windows = [(h, w, warps) for h, w, _ in triton_repair.GPU_WINDOWS for warps in args.warps] if args.warps \
+        else triton_repair.GPU_WINDOWS
+    for (bh, bw, warps), align in itertools.product(dict.fromkeys(windows), (False, True)):
+        const = dict(consts, HAS_GATE=True, DIFFERENCE=True, RADIUS=args.radius, HAS_COV=True, C_BLOCK=4,
+                     BLOCK_H=bh, BLOCK_W=bw, ALIGN_HALO=align)
+        label = f"{bh:>3}x{bw:<4} halo {triton_repair.halo_columns(args.radius, align):>2}, {warps} warps"
+        try:
+            kernel = triton.compile(ASTSource(triton_repair._repair_window, sig, const, attrs),
+                                    target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps))
+        except Exception as e:  # a window that does not compile is what this script is for
+            failed += 1
+            print(f"{label}: FAILED to compile: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+            continue
+        print(f"{label}: {resource_usage(kernel.asm['cubin'])}, {kernel.metadata.shared} bytes shared; "
+              f"loads {access_widths(kernel.asm['ptx'], 'ld')}; stores {access_widths(kernel.asm['ptx'], 'st')}")
     return 1 if failed else 0
 
 

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_H, BLOCK_W) windows the GPU's autotuner times (benchmarks/triton_ptx.py compiles each).
-GPU_WINDOWS = ((16, 64), (32, 32), (32, 64), (16, 128), (64, 64))
+# (BLOCK_H, BLOCK_W, warps) the GPU's autotuner times, each with a plain and an aligned halo
+# (benchmarks/triton_ptx.py compiles each): every one is a compile on a shape's first call,
+# so few. 32x32 windows keep half their columns with an aligned halo, 64x64 ones and 4 warps
+# on 2048-element windows need all 255 registers (docs/kernels.md).
+GPU_WINDOWS = ((16, 64, 4), (16, 64, 8), (32, 64, 8), (16, 128, 8))
 _MAX_GRID_Z = 65535
 
 
@@ -140,26 +144,52 @@ def halo_columns(radius: int, align: bool) -> int:
     return -(-radius // 8) * 8 if align else radius
 
 
+def _config(h: int, w: int, align: bool, warps: int):
+    return triton.Config({"BLOCK_H": h, "BLOCK_W": w, "ALIGN_HALO": align}, num_warps=warps)
+
+
+# Fits every radius the op allows (15): what runs when no other window does.
+_FALLBACK = (64, 64, False, 4)
+
+
+def pinned_window(text: str) -> tuple[int, int, bool, int]:
+    """SAU_TRITON_WINDOW's value, "HxW[a][:warps]" ("16x64a:8": 16 rows, 64 columns, the
+    halo aligned to 8 columns, 8 warps), as (BLOCK_H, BLOCK_W, ALIGN_HALO, warps)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(a?)(?::(\d+))?", text.strip())
+    sizes = [int(m.group(1)), int(m.group(2)), int(m.group(4) or 4)] if m else []
+    if not m or any(v < 1 or v & (v - 1) for v in sizes) or sizes[2] > 32:
+        raise ValueError(f"SAU_TRITON_WINDOW={text!r}: expected HxW[a][:warps] with powers of two, "
+                         "e.g. '16x64a:8' (16 rows, 64 columns, halo aligned to 8 columns, 8 warps)")
+    return sizes[0], sizes[1], m.group(3) == "a", sizes[2]
+
+
 def _window_configs() -> list:
     """The windows the autotuner times on the GPU (a halo of 2r rows and columns makes wide
     windows cheaper per output pixel, big ones cost registers; an aligned halo buys 128-bit
-    loads with wider halo columns); the interpreter, whose cost is per program rather than
-    per element, runs one big window without timing anything."""
+    loads with wider halo columns). One window, untimed: SAU_TRITON_WINDOW's (a pinned
+    choice: no tuning on a shape's first call), or under the interpreter, whose cost is per
+    program rather than per element, a big one."""
+    if os.environ.get("SAU_TRITON_WINDOW"):
+        return [_config(*pinned_window(os.environ["SAU_TRITON_WINDOW"]))]
     if _INTERPRET:
-        return [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64, "ALIGN_HALO": False}, num_warps=4)]
-    return [triton.Config({"BLOCK_H": h, "BLOCK_W": w, "ALIGN_HALO": align}, num_warps=nw)
-            for h, w in GPU_WINDOWS for align in (False, True) for nw in (4, 8)]
+        return [_config(*_FALLBACK)]
+    return [_config(h, w, align, warps) for h, w, warps in GPU_WINDOWS for align in (False, True)]
+
+
+def _output_share(h: int, w: int, align: bool, radius: int) -> float:
+    """The smaller of the shares of a window's rows and columns that are output, not halo."""
+    return min((h - 2 * radius) / h, (w - 2 * halo_columns(radius, align)) / w)
 
 
 def _fitting_windows(configs, named_args, **kwargs):
     """Windows with at least half of each row and column output, one of each that behaves
     alike (an aligned halo of a radius already a multiple of 8 is the plain one); if none
-    fits, the widest."""
+    does, the one with most output, or, when that has none (a pinned window narrower than
+    the blur), `_FALLBACK`."""
     radius = kwargs["RADIUS"]
 
     def output_share(c) -> float:
-        cols = c.kwargs["BLOCK_W"] - 2 * halo_columns(radius, c.kwargs["ALIGN_HALO"])
-        return min((c.kwargs["BLOCK_H"] - 2 * radius) / c.kwargs["BLOCK_H"], cols / c.kwargs["BLOCK_W"])
+        return _output_share(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["ALIGN_HALO"], radius)
 
     fit, seen = [], set()
     for c in sorted(configs, key=lambda c: c.kwargs["ALIGN_HALO"]):
@@ -167,7 +197,8 @@ def _fitting_windows(configs, named_args, **kwargs):
         if output_share(c) >= 0.5 and same not in seen:
             seen.add(same)
             fit.append(c)
-    return fit or [max(configs, key=output_share)]
+    widest = max(configs, key=output_share)
+    return fit or [widest if output_share(widest) > 0 else _config(*_FALLBACK)]
 
 
 # Tuned once per shape, blur, mode and dtype (triton adds the tensors' dtypes to the key),
@@ -211,11 +242,17 @@ def _launch(z_p, z_c, delta, act, out, coverage, tau1, tau2, k, alpha, blur_sigm
     cp, cc = blend_coeffs(k, alpha, blend)
     cov = coverage if coverage is not None else out  # a placeholder pointer when HAS_COV is off
     cov_strides = coverage.stride() if coverage is not None else (0, 0)
-    if block is None:
+    if block is None and len(_repair_tuned.configs) > 1:
         kernel, window = _repair_tuned, {}
-    else:  # a fixed window (tests): (BLOCK_H, BLOCK_W, ALIGN_HALO)
-        kernel = _repair_window
-        window = dict(BLOCK_H=block[0], BLOCK_W=block[1], ALIGN_HALO=block[2], num_warps=4)
+    else:  # one window: the tests' (BLOCK_H, BLOCK_W, ALIGN_HALO[, warps]), or the only config, which
+        # the autotuner would launch without pruning: if it cannot hold the blur, _FALLBACK
+        if block is None:
+            c = _repair_tuned.configs[0]
+            block = (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["ALIGN_HALO"], c.num_warps)
+            if _output_share(*block[:3], radius) <= 0:
+                block = _FALLBACK
+        h, w, align, warps = (*block, 4)[:4]
+        kernel, window = _repair_window, dict(BLOCK_H=h, BLOCK_W=w, ALIGN_HALO=align, num_warps=warps)
     for b0 in range(0, B, _MAX_GRID_Z):  # the batch is grid axis 2, at most 65535 programs
         zp, zc, o = z_p[b0:b0 + _MAX_GRID_Z], z_c[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
         cv = cov[b0:b0 + _MAX_GRID_Z] if coverage is not None else cov

@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,6 +108,37 @@ def test_auto_prefers_cuda_then_triton():
 
     expected = "cuda" if "cuda" in GPU_BACKENDS else "triton"
     assert _resolve_backend("auto", "cuda") == expected
+
+
+def test_triton_autotunes_windows_and_keeps_coverage_exact():
+    # In a fresh process without SAU_TRITON_WINDOW (benchmarks/gpu_check.sh pins one window for
+    # the other tests, to spare a tuning run per case): the autotuner times its windows on the
+    # first call of a shape, the chosen one matches the reference, and the coverage counts the
+    # timing runs added are gone.
+    _need("triton")
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import sau_kernels as sk\n"
+        "from sau_kernels import reference, triton_repair\n"
+        "from repair_helpers import make_inputs, assert_matches_reference\n"
+        "assert len(triton_repair._repair_tuned.configs) > 1\n"
+        "for shape, dtype in (((2, 4, 64, 64), torch.float16), ((1, 4, 37, 53), torch.float32)):\n"
+        "    z_p, z_c, delta, act = make_inputs(shape, dtype, gate=0.4, seed=7)\n"
+        "    for _ in range(2):\n"
+        "        out, cov = sk.repair(z_p.cuda(), z_c.cuda(), delta.cuda(), act.cuda(), gate=0.4, backend='triton',\n"
+        "                             return_coverage=True)\n"
+        "        assert_matches_reference(out.cpu(), reference.repair(z_p, z_c, delta, act, gate=0.4), dtype)\n"
+        "        expected = reference.repair_coverage(z_p, z_c, delta, act, gate=0.4)\n"
+        "        torch.testing.assert_close(cov.cpu(), expected, atol=0, rtol=2**-23)  # doubled counts fail\n"
+        "print(len(triton_repair._repair_tuned.cache), *triton_repair._repair_tuned.cache.values())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAU_TRITON_WINDOW"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."), timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split()[0] == "2", res.stdout  # one tuned choice per shape
+    print(res.stdout)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -203,8 +203,7 @@ def test_triton_kernel_compiles_for_the_gpu(tmp_path):
 
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_ptx.py")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    res = subprocess.run([sys.executable, script, "--warps", "8"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     compiled = [line for line in res.stdout.splitlines() if "registers" in line]
     assert len(compiled) == 2 * len(GPU_WINDOWS), res.stdout  # each window, plain and aligned halo
@@ -214,6 +213,44 @@ def test_triton_kernel_compiles_for_the_gpu(tmp_path):
     for line in aligned:
         loads, stores = line.split("; loads ")[1].split("; stores ")
         assert set(re.findall(r"x (\d+) B", loads)) == {"16"} and set(re.findall(r"x (\d+) B", stores)) == {"16"}, line
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_a_pinned_triton_window_is_used_and_falls_back_when_the_blur_outgrows_it():
+    # SAU_TRITON_WINDOW pins one window (no tuning): a 16x32 aligned-halo window runs radius 2,
+    # and radius 15 (30 rows of halo) falls back to a window that holds it.
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from sau_kernels import triton_repair, reference\n"
+        "from repair_helpers import make_inputs, assert_matches_reference\n"
+        "[c] = triton_repair._repair_tuned.configs\n"
+        "assert (c.kwargs['BLOCK_H'], c.kwargs['BLOCK_W'], c.kwargs['ALIGN_HALO'], c.num_warps) == (16, 32, True, 8)\n"
+        "for ksize in (5, 31):\n"
+        "    z_p, z_c, delta, act = make_inputs((1, 4, 40, 37), seed=3)\n"
+        "    out, cov = torch.empty_like(z_p), torch.empty(1, 2)\n"
+        "    triton_repair._launch(z_p, z_c, delta, act, out, cov, 0.5, 0.3, 12.0, 1.0, 1.0, ksize, 'convex',\n"
+        "                          'latent', None)\n"
+        "    expected = reference.repair(z_p, z_c, delta, act, blur_sigma=1.0, blur_ksize=ksize)\n"
+        "    assert_matches_reference(out, expected, torch.float32)\n"
+        "    assert torch.equal(cov, reference.repair_coverage(z_p, z_c, delta, act))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", SAU_TRITON_WINDOW="16x32a:8")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."), timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_a_malformed_pinned_triton_window_is_named():
+    from sau_kernels.triton_repair import pinned_window
+
+    assert pinned_window("16x64") == (16, 64, False, 4)
+    assert pinned_window(" 32x128a:8 ") == (32, 128, True, 8)
+    for bad in ("16x48", "16x64b", "64", "16x64a:3", "16x64:64", "0x64"):
+        with pytest.raises(ValueError, match="SAU_TRITON_WINDOW"):
+            pinned_window(bad)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
