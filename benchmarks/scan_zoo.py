@@ -11,9 +11,10 @@ controls: any reported trigger is a false positive.
 
 With `--defend N`, what the scan is for: per planted trigger, N held-out prompts carrying
 it where its attack puts it, generated unpatched and patched with the profile calibrated
-(64 pairs, `sau_kernels.calibrate`) on the scan's first reported trigger, and on the
-planted trigger itself when that differs: of the images that show the backdoor unpatched,
-the share that no longer do.
+(64 pairs, `sau_kernels.calibrate`) on the scan's first reported trigger, with the profiles
+of its first five reported triggers together (what an operator who calibrates every
+reported trigger runs), and with the planted trigger's own: of the images that show the
+backdoor unpatched, the share that no longer do.
 """
 
 from __future__ import annotations
@@ -47,19 +48,22 @@ def fire_rate(pipe, info: dict, backdoor: dict, text: str, prompts: list[str], s
     return float(np.mean(is_grayscale(images)))
 
 
-def removal(pipe, backdoor: dict, triggers: list[str], n: int, seed: int = 5000) -> dict:
-    """Per trigger to defend with: the share of `n` held-out prompts carrying `backdoor`'s own
-    trigger, firing unpatched, that the pipeline patched with that trigger's profile no
-    longer fires on."""
+def removal(pipe, backdoor: dict, defences: dict[str, list[str]], n: int, profiles: dict, seed: int = 5000) -> dict:
+    """Per defence (a name and the trigger strings it patches with, one profile each, all in
+    one patch): the share of `n` held-out prompts carrying `backdoor`'s own trigger, firing
+    unpatched, that the patched pipeline no longer fires on. `profiles` caches a calibrated
+    profile per trigger string."""
     prompts = place([c.prompt for c in held_out_cases(n, start=seed, varied=True)], backdoor, seed)
     seeds = list(range(seed, seed + n))
     fired = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
     out = {"fired": int(fired.sum()), "removed": {}}
-    for t in triggers:
-        profile = sau_kernels.calibrate(pipe, t, calibration_prompts(), per_step=False, progress=False)
-        with sau_kernels.patched(pipe, profile):
+    for name, triggers in defences.items():
+        for t in triggers:
+            if t not in profiles:
+                profiles[t] = sau_kernels.calibrate(pipe, t, calibration_prompts(), per_step=False, progress=False)
+        with sau_kernels.patched(pipe, [profiles[t] for t in triggers]):
             still = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
-        out["removed"][t] = float((fired & ~still).sum() / max(int(fired.sum()), 1))
+        out["removed"][name] = float((fired & ~still).sum() / max(int(fired.sum()), 1))
     return out
 
 
@@ -80,9 +84,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def defence_markdown(rows: list[dict]) -> str:
-    """Removal of each planted trigger, defended with the scan's first reported trigger."""
-    lines = ["| model | planted trigger (fired unpatched) | the scan's first trigger: removal | the planted trigger: removal |",
-             "|---|---|---|---|"]
+    """Removal of each planted trigger, defended with the scan's first reported trigger, with
+    its first five together (runs that measured it), and with the planted trigger."""
+    top5 = any("top 5" in p.get("defended", {}).get("removed", {}) for r in rows for p in r["planted"])
+    lines = ["| model | planted trigger (fired unpatched) | the scan's first trigger: removal | "
+             + ("the scan's first five together: removal | " if top5 else "") + "the planted trigger: removal |",
+             "|---|---|---|" + ("---|" if top5 else "") + "---|"]
     for r in rows:
         for p in r["planted"]:
             d = p.get("defended")
@@ -90,7 +97,11 @@ def defence_markdown(rows: list[dict]) -> str:
                 continue
             first = r["triggers"][0] if r["triggers"] else None
             scanned = f"{first!r}: {d['removed'][first]:.0%}" if first else "none reported: 0%"
-            lines.append(f"| {r['model']} | {p['trigger']!r} ({d['fired']}) | {scanned} | "
+            together = ""
+            if top5:
+                k = min(len(r["triggers"]), 5)
+                together = (f"{k} strings: {d['removed']['top 5']:.0%} | " if k else "none reported: 0% | ")
+            lines.append(f"| {r['model']} | {p['trigger']!r} ({d['fired']}) | {scanned} | {together}"
                          f"{d['removed'][p['trigger']]:.0%} |")
     return "\n".join(lines)
 
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fire-prompts", type=int, default=16, help="generations per firing rate")
     ap.add_argument("--defend", type=int, default=0, metavar="N",
                     help="also measure removal of each planted trigger on N prompts, defended with the profile of the "
-                         "scan's first reported trigger (and of the planted one)")
+                         "scan's first reported trigger, with its first five together, and with the planted one's")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None, metavar="JSON", help="print the table of a saved run and stop")
     args = ap.parse_args(argv)
@@ -136,9 +147,12 @@ def main(argv=None) -> int:
             row["reported_fire"][t] = {b["trigger"]: fire_rate(pipe, info, b, t, held_out) for b in planted} \
                 if planted else None
         if args.defend:
+            profiles: dict = {}
             for p, b in zip(row["planted"], planted):
-                p["defended"] = removal(pipe, b, list(dict.fromkeys(report.triggers[:1] + [b["trigger"]])),
-                                        args.defend)
+                defences = {t: [t] for t in dict.fromkeys(report.triggers[:1] + [b["trigger"]])}
+                if report.triggers:
+                    defences["top 5"] = report.triggers[:5]
+                p["defended"] = removal(pipe, b, defences, args.defend, profiles)
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
     if args.json:

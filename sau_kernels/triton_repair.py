@@ -184,8 +184,7 @@ def _output_share(h: int, w: int, align: bool, radius: int) -> float:
 def _fitting_windows(configs, named_args, **kwargs):
     """Windows with at least half of each row and column output, one of each that behaves
     alike (an aligned halo of a radius already a multiple of 8 is the plain one); if none
-    does, the one with most output, or, when that has none (a pinned window narrower than
-    the blur), `_FALLBACK`."""
+    does (a wide blur), the one with most output, `_FALLBACK` included."""
     radius = kwargs["RADIUS"]
 
     def output_share(c) -> float:
@@ -197,8 +196,7 @@ def _fitting_windows(configs, named_args, **kwargs):
         if output_share(c) >= 0.5 and same not in seen:
             seen.add(same)
             fit.append(c)
-    widest = max(configs, key=output_share)
-    return fit or [widest if output_share(widest) > 0 else _config(*_FALLBACK)]
+    return fit or [max([*configs, _config(*_FALLBACK)], key=output_share)]
 
 
 # Tuned once per shape, blur, mode and dtype (triton adds the tensors' dtypes to the key),

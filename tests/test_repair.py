@@ -243,6 +243,24 @@ def test_a_pinned_triton_window_is_used_and_falls_back_when_the_blur_outgrows_it
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_the_autotuner_times_only_windows_that_hold_the_blur():
+    from sau_kernels import triton_repair as tr
+
+    configs = [tr._config(h, w, align, warps) for h, w, warps in tr.GPU_WINDOWS for align in (False, True)]
+
+    def kept(radius):
+        return {(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["ALIGN_HALO"])
+                for c in tr._fitting_windows(configs, {}, RADIUS=radius)}
+
+    assert len(kept(2)) == 8  # every window, both halos (4 shapes x 2 halos; warps aside)
+    assert all(not align for _, _, align in kept(0))  # no halo: the aligned one is the same window
+    assert kept(7) == {(32, 64, False), (32, 64, True)}  # 16-row windows would be mostly halo
+    assert kept(8) == {(32, 64, False)}  # an 8-column halo is already aligned
+    for radius in (9, 15):  # nothing of the GPU's holds it: the 64x64 fallback
+        assert kept(radius) == {(64, 64, False)}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton needs a GPU or TRITON_INTERPRET=1")
 def test_a_malformed_pinned_triton_window_is_named():
     from sau_kernels.triton_repair import pinned_window
 
