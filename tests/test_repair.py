@@ -252,7 +252,7 @@ def test_the_autotuner_times_only_windows_that_hold_the_blur():
         return {(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.kwargs["ALIGN_HALO"])
                 for c in tr._fitting_windows(configs, {}, RADIUS=radius)}
 
-    assert len(kept(2)) == 8  # every window, both halos (4 shapes x 2 halos; warps aside)
+    assert len(kept(2)) == 6  # every window shape (3), both halos (warps aside)
     assert all(not align for _, _, align in kept(0))  # no halo: the aligned one is the same window
     assert kept(7) == {(32, 64, False), (32, 64, True)}  # 16-row windows would be mostly halo
     assert kept(8) == {(32, 64, False)}  # an 8-column halo is already aligned
