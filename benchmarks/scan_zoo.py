@@ -100,7 +100,7 @@ def defence_markdown(rows: list[dict]) -> str:
             together = ""
             if top5:
                 k = min(len(r["triggers"]), 5)
-                together = (f"{k} strings: {d['removed']['top 5']:.0%} | " if k else "none reported: 0% | ")
+                together = (f"{k} string{'s' if k > 1 else ''}: {d['removed']['top 5']:.0%} | " if k else "none reported: 0% | ")
             lines.append(f"| {r['model']} | {p['trigger']!r} ({d['fired']}) | {scanned} | {together}"
                          f"{d['removed'][p['trigger']]:.0%} |")
     return "\n".join(lines)
