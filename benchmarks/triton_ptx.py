@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from sau_kernels import triton_repair  # noqa: E402
 
-CONSTEXPR = ("HAS_GATE", "DIFFERENCE", "RADIUS", "HAS_COV", "C_BLOCK", "BLOCK_H", "BLOCK_W", "ALIGN_HALO")
+CONSTEXPR = {p.name for p in triton_repair._repair_window.params if p.is_constexpr}
 SCALARS = ("tau1", "tau2", "gate", "sigma", "cp0", "cp1", "cp2", "cp3", "cc0", "cc1", "cc2", "cc3")
 
 

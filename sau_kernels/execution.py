@@ -49,10 +49,8 @@ def execute(pipe, state, plan, report, original):
     cfg = state.config
     a = dict(plan.kwargs)
     report.rows = plan.batch_rows + (len(plan.pairs) if cfg.mode == "per_step_eps" else 0)
-    unchecked = [p.trigger for p, c in zip(state.profiles, state.checks) if c is None]
-    if cfg.output_check != "off" and (unchecked or not state.profiles):
-        report.output_check_skipped = (f"no usable output check in the profiles for {unchecked}" if unchecked
-                                       else "no profiles: no trigger signature to score")
+    if state.unchecked_why:
+        report.output_check_skipped = state.unchecked_why
     if not plan.pairs and not any(state.checks):
         out = original(pipe, **a)  # nothing to repair, nothing to check: the unpatched call itself
     elif not plan.pairs:

@@ -84,6 +84,7 @@ class _State:
     spec: PipelineSpec
     signature: inspect.Signature
     checks: list  # per profile: its output-check signature (weights, clean_mean, norm, threshold), or None
+    unchecked_why: str | None = None  # what output_check="flag" cannot check on any call, and why
     global_profiles: set = field(default_factory=set)  # indexes of the profiles without a fixed pattern (styles)
     detector: object = None  # a TriggerDetector: scores each prompt (a known trigger's match: its clean twin)
 
@@ -261,20 +262,24 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
         repair(z, z, dev_profiles[0].delta, dev_profiles[0].act, backend=backend, **params)
     checks = [None if output_check == "off" else _output_check(p) for p in dev_profiles]
     unchecked = [p.trigger for p, c in zip(profiles, checks) if c is None]
-    if output_check == "raise" and (unchecked or not profiles):
+    unchecked_why = None
+    if output_check != "off" and (unchecked or not profiles):
+        unchecked_why = (f"the profiles for {unchecked} carry no usable output check (calibrated before it existed, "
+                         "or their signature did not separate clean from poisoned outputs)" if unchecked
+                         else "there are no profiles, so no trigger signature to score (the detector scores prompts "
+                              "only)")
+    if output_check == "raise" and unchecked_why:
         # "raise" promises that no output carrying a trigger's signature is returned: it
         # cannot keep that promise for a trigger whose signature it cannot score
-        what = (f"the profiles for {unchecked} carry no usable output check (calibrated before it existed, or "
-                "their signature did not separate clean from poisoned outputs)" if unchecked
-                else "there are no profiles, so no trigger signature to score (the detector scores prompts only)")
-        raise ValueError(f"output_check='raise' cannot check every output: {what}; use output_check='flag' "
-                         "(the report says what went unchecked) or 'off'")
+        raise ValueError(f"output_check='raise' cannot check every output: {unchecked_why}; use "
+                         "output_check='flag' (the report says what went unchecked) or 'off'")
     config = SAUConfig(mode=mode, composite=composite, backend=backend, on_embeds=on_embeds, repair=params,
                        feather_sigma=feather_sigma, output_check=output_check)
     if mode == "per_step_eps":
         hook_unet(pipe.unet)  # installed once now: a call only switches it on in its own thread
     pipe._sau_state = _State(config=config, profiles=dev_profiles, matchers=matchers, original_class=original,
                              spec=spec, signature=inspect.signature(original.__call__), checks=checks,
+                             unchecked_why=unchecked_why,
                              global_profiles={k for k, p in enumerate(profiles) if not p.fixed_pattern},
                              detector=detect)
     pipe.__class__ = _patched_class(original)

@@ -22,6 +22,7 @@ measured), rather than return a verdict it cannot back.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -377,13 +378,8 @@ def scan(pipe, base, *, prompts: list[str] | None = None, num_prompts: int = 8, 
         c.z = float(_robust_z(torch.tensor([e]), null_score)[0])
         c.trigger = c.z >= threshold_z and c.effect >= MIN_EFFECT
         mean_effects[c.text] = mean
-    rest_effects: dict[str, float] = {}  # what the rest of a longer confirmed string does alone
-
-    def effect_of(rest: str) -> float:
-        if rest not in rest_effects:
-            rest_effects[rest] = confirm([rest], False)[0][0]
-        return rest_effects[rest]
-
+    # what the rest of a longer confirmed string does alone, confirmed once per rest
+    effect_of = functools.cache(lambda rest: confirm([rest], False)[0][0])
     triggers = _minimal([c for c in cands if c.trigger], effect_of)
     for c in cands:
         c.trigger = c.text in triggers
@@ -409,8 +405,8 @@ def _minimal(found: list[Candidate], effect_of=None) -> list[str]:
     most, as norms do): two triggers side by side (a zero-width space before "tigrtrigger")
     are not a new one, and the weaker must not go as its fragment. Otherwise the longer goes
     when the shorter does as much (at least `KEEP_SHORTER` of its effect: a trigger with a
-    word added still fires), else the shorter goes (a fragment
-    of the trigger, firing only partly: "trigger" of "new trigger")."""
+    word added still fires), else the shorter goes (a fragment of the trigger, firing only
+    partly: "trigger" of "new trigger")."""
     texts = {c.text for c in found}
     drop = set()
     for a in found:
