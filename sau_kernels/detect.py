@@ -45,6 +45,7 @@ from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
 from .scan import KEEP_SHORTER
 from .screening import Screened, _invisible, homoglyph_of, plain_spelling, screen_prompts
+from .tokenizer_locks import tokenizer_lock
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
 
@@ -454,7 +455,8 @@ class TriggerDetector:
         (and a long prompt costs no more than its window to localise)."""
         tok = self.pipe.tokenizer
         head = _ablate(prompt[:unit.start], [c for c in chosen if c.end <= unit.start])
-        return len(tok(head, add_special_tokens=False).input_ids) < tok.model_max_length - 2
+        with tokenizer_lock(tok):  # a call sets the tokenizer's padding: not while another thread encodes
+            return len(tok(head, add_special_tokens=False).input_ids) < tok.model_max_length - 2
 
     def screen(self, prompts: list[str], screened: list[Screened], matchers):
         """The screen's verdicts with the detector's added. Every prompt is scored: one the

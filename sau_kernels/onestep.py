@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .tokenizer_locks import encoding
+
 __all__ = ["OneStep"]
 
 
@@ -48,8 +50,9 @@ class OneStep:
         pipe, out = self.pipe, []
         n = self.x.shape[0]
         for i in range(0, len(prompts), self.batch):
-            h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False,
-                                      clip_skip=self.clip_skip)
+            with encoding(pipe):  # the base may share the served pipeline's tokenizer
+                h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False,
+                                          clip_skip=self.clip_skip)
             x = self.x[torch.arange(i, i + len(h)) % n]
             model_out = pipe.unet(x, self.t, encoder_hidden_states=h.to(pipe.unet.dtype)).sample.float()
             xf = x.float()

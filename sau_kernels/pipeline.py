@@ -32,6 +32,7 @@ from .report import SAUReport, SuspectOutputError, last_report
 from .screening import TriggerMatcher, screen_prompts, trigger_token_ids
 from .modes import COMPOSITES, MODES, OUTPUT_CHECKS
 from .supported import PipelineSpec, UnsupportedPipelineError, spec_for
+from .tokenizer_locks import encoding
 
 # What measurement on held-out prompts and seeds chose (docs/results.md); the op's own
 # defaults stay the paper's.
@@ -102,10 +103,18 @@ def _patched_class(cls: type) -> type:
 
             return defended_call(self, *args, **kwargs)
 
-        sub = type(cls.__name__, (cls,), {
+        members = {
             "__call__": __call__, "__module__": cls.__module__, "_sau_original_class": cls,
             "sau_report": property(last_report, doc="This thread's last SAUReport from this pipeline (or None)."),
-        })
+        }
+        if hasattr(cls, "encode_prompt"):
+            @functools.wraps(cls.encode_prompt)
+            def encode_prompt(self, *args, **kwargs):
+                with encoding(self):  # the tokenizer may be shared with another thread's pipeline
+                    return cls.encode_prompt(self, *args, **kwargs)
+
+            members["encode_prompt"] = encode_prompt
+        sub = type(cls.__name__, (cls,), members)
         sub.__qualname__ = cls.__qualname__
         sub.__doc__ = cls.__doc__
         _PATCHED_CLASSES[cls] = sub

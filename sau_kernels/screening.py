@@ -41,12 +41,15 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .tokenizer_locks import tokenizer_lock
+
 __all__ = ["canonicalize", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened", "screen_prompts",
            "trigger_token_ids", "widest_edits"]
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
-    ids = tokenizer(trigger, add_special_tokens=False).input_ids
+    with tokenizer_lock(tokenizer):  # patch() may run while another thread's pipeline encodes
+        ids = tokenizer(trigger, add_special_tokens=False).input_ids
     if not ids:
         raise ValueError(f"trigger {trigger!r} tokenises to nothing")
     return list(ids)

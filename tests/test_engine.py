@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 
 import pytest
 import torch
@@ -322,6 +323,58 @@ def test_two_threads_two_pipelines_one_unet_give_the_images_they_give_alone(mode
         for images, triggered in together[k]:
             assert_same(images, alone[k])
         assert triggered == ([0] if k == "a" else [1])
+
+
+def slow_padding_setup(tokenizer, monkeypatch):
+    """Widen the window in which a fast tokenizer's padding, set on the object at every call,
+    can be changed by another thread before the call encodes with it."""
+    setup = tokenizer.set_truncation_and_padding
+
+    def slowly(*args, **kwargs):
+        setup(*args, **kwargs)
+        time.sleep(0.002)  # lets another thread run
+
+    monkeypatch.setattr(tokenizer, "set_truncation_and_padding", slowly)
+
+
+@pytest.mark.parametrize("who", ["two pipelines", "a pipeline and the screen's tokenization"])
+def test_threads_sharing_one_tokenizer_encode_with_their_own_padding(who, monkeypatch):
+    """diffusers pads a prompt to the text encoder's length and tokenizes it again unpadded;
+    without a lock per tokenizer another thread's unpadded call lands in between."""
+    import diffusers
+
+    a = zoo_pipe()
+    if not hasattr(a.tokenizer, "set_truncation_and_padding"):
+        pytest.skip("a slow tokenizer keeps no padding state")
+    b = diffusers.StableDiffusionPipeline(**a.components)
+    slow_padding_setup(a.tokenizer, monkeypatch)
+    sau_kernels.patch(a, zoo_profile())
+    sau_kernels.patch(b, zoo_profile())
+    length = a.tokenizer.model_max_length
+    shapes, errors = [], []
+
+    def encode(pipe):
+        try:
+            for _ in range(15):
+                shapes.append(pipe.encode_prompt([OTHER], "cpu", 1, True)[0].shape[1])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def tokenize():
+        try:
+            for _ in range(15):
+                sau_kernels.screening.trigger_token_ids(a.tokenizer, "new trigger")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=encode, args=(a,)),
+               threading.Thread(target=encode, args=(b,)) if who == "two pipelines" else threading.Thread(target=tokenize)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert shapes and set(shapes) == {length}
 
 
 def test_prompt_embeds_are_refused_unless_let_through_and_then_reported_unscreened():
