@@ -257,8 +257,10 @@ def test_report_comes_with_the_output_and_tuples_stay_diffusers_tuples():
     assert isinstance(tup, tuple) and len(tup) == 2 and tup[0].shape[0] == 1
     assert pipe.sau_report.triggered == []
     seen = {}
-    threading.Thread(target=lambda: seen.setdefault("r", pipe.sau_report)).start()
-    assert seen.get("r", "unset") in (None, "unset")  # another thread has no report of its own
+    other = threading.Thread(target=lambda: seen.setdefault("r", pipe.sau_report))
+    other.start()
+    other.join()
+    assert seen == {"r": None}  # another thread has no report of its own
 
 
 def test_user_callback_sees_only_the_users_rows():
