@@ -29,6 +29,7 @@ import torch
 
 from .profile import ProfileMismatchError, TriggerProfile
 from .report import SAUReport, SuspectOutputError, last_report
+from .request import check_schedule
 from .screening import TriggerMatcher, screen_prompts, trigger_token_ids
 from .modes import COMPOSITES, MODES, OUTPUT_CHECKS
 from .supported import PipelineSpec, UnsupportedPipelineError, spec_for
@@ -257,6 +258,7 @@ def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=No
             raise ProfileMismatchError(
                 f"the pipeline's tokenizer reads trigger {p.trigger!r} as {trig_ids}, the profile's as "
                 f"{list(p.trigger_ids)}: was the profile made with another tokenizer?")
+    check_schedule(pipe, mode, profiles)  # the scheduler now; every call checks it and its step count again
     matchers = [p.matcher() for p in profiles]
     if matchers:
         _warn_if_common(matchers)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .planner import Plan, Unplannable, make_plan, prompt_actions, text_fields
+from .profile import ProfileMismatchError
 from .report import SAUReport, prompt_entry
 from .screening import screen_prompts
 
@@ -51,31 +52,58 @@ def _let_pipeline_reject(pipe, original, a: dict, what: str):
                      "strings, with the other text and batch arguments matching it")
 
 
-def _check_schedule(pipe, state, a: dict) -> None:
-    """Per-step modes need statistics for this scheduler and step count (first-order for
-    "per_step_eps"): refuse before any work."""
-    mode = state.config.mode
+def check_schedule(pipe, mode: str, profiles, call: dict | None = None) -> None:
+    """Per-step modes need statistics for the pipeline's scheduler and, given a call's
+    arguments, its schedule; "per_step_eps" a first-order scheduler. patch() checks the
+    scheduler, every call (triggered or not) both: a configuration the defence cannot cover
+    is refused before an attacker's prompt finds it."""
     if mode not in ("per_step", "per_step_eps"):
         return
     name = type(pipe.scheduler).__name__
     if mode == "per_step_eps" and getattr(pipe.scheduler, "order", 1) != 1:
         raise ValueError(f"mode 'per_step_eps' repairs each UNet evaluation, and {name} makes two per step: "
                          "use mode 'final' or 'per_step' with it")
-    for p in state.profiles:
-        p.check_call(None, name, a.get("num_inference_steps"), per_step=True)
+    if call is not None and call.get("sigmas") is not None:
+        raise ValueError(f"mode {mode!r} repairs with statistics of the scheduler's own schedule, and a call's "
+                         "sigmas give another: pass num_inference_steps, or use mode 'final'")
+    timesteps = call.get("timesteps") if call is not None else None
+    for p in profiles:
+        steps = p.num_inference_steps if call is None else call.get("num_inference_steps")
+        p.check_call(None, name, steps if timesteps is None else len(timesteps), per_step=True)
+        recorded = p.params.get("timesteps")  # (a profile from before they were recorded has none)
+        if timesteps is not None and (recorded is None or [float(t) for t in timesteps] != [float(t) for t in recorded]):
+            raise ProfileMismatchError(f"per-step profile for {p.trigger!r} was calibrated at timesteps {recorded}, "
+                                       f"this call asks for {list(timesteps)}: pass num_inference_steps, or use "
+                                       "mode 'final'")
 
 
 def _expected_latent_shape(pipe, a: dict):
-    """(C, H, W) of a text-to-image call's latents where its arguments say; None otherwise
-    (image-sized calls, or sizes the pipeline itself will reject)."""
-    if "height" not in a or "image" in a:
-        return None
-    vsf = pipe.vae_scale_factor
-    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-    h, w = a.get("height") or default * vsf, a.get("width") or default * vsf
+    """(C, H, W) of a call's latents where its arguments say it plainly, by the pipeline's own
+    rules: height and width (text-to-image, inpainting, SDXL), or the image's size floored to
+    the VAE's scale (image-to-image: a PIL image or a list of them, or a 4-D tensor, whose
+    rows are the latents when it has the latent channels). None otherwise, or for sizes the
+    pipeline itself rejects: a triggered call then checks its latents at the first step."""
+    vsf, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    if "height" in a:
+        default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+        h, w = a.get("height") or default * vsf, a.get("width") or default * vsf
+    else:
+        import PIL.Image
+
+        image = a.get("image")
+        first = image[0] if isinstance(image, list) and image else image
+        processor = getattr(pipe, "image_processor", None)
+        if isinstance(first, torch.Tensor) and first.ndim == 4 and not isinstance(image, list):
+            if first.shape[1] == channels:  # latents, used as they are
+                return (channels, *first.shape[2:])
+        elif not isinstance(first, PIL.Image.Image):
+            return None
+        if processor is None or not processor.config.do_resize:
+            return None
+        h, w = processor.get_default_height_width(first)
     if not (isinstance(h, int) and isinstance(w, int)) or h % vsf or w % vsf:
         return None
-    return (pipe.vae.config.latent_channels, h // vsf, w // vsf)
+    return (channels, h // vsf, w // vsf)
 
 
 @torch.no_grad()
@@ -100,6 +128,11 @@ def defended_call(self, *args, **kwargs):
                          "the defence cannot give a clean twin the same "
                          f"{'image prompt' if 'ip_adapter_image' in refused[0] else 'callback'}; call without it "
                          "(callback_on_step_end is supported)")
+    # what the profiles cannot cover, refused on every call, not only on a triggered one
+    shape = _expected_latent_shape(self, a)
+    if shape is not None:
+        check_latent_shape(state.profiles, torch.empty(1, *shape, device="meta"))
+    check_schedule(self, cfg.mode, state.profiles, a)
     report = SAUReport(mode=cfg.mode, triggers=[p.trigger for p in state.profiles])
     n = a.get("num_images_per_prompt") or 1
     try:
@@ -139,10 +172,5 @@ def defended_call(self, *args, **kwargs):
     if state.detector is not None:
         for entry, record in zip(report.prompts, detected):
             entry["detected"] = record
-    if plan.pairs:
-        shape = _expected_latent_shape(self, a)
-        if shape is not None:
-            check_latent_shape(state.profiles, torch.empty(1, *shape, device="meta"))
-        _check_schedule(self, state, a)
     report.screening_ms = (time.perf_counter() - t0) * 1e3
     return execute(self, state, plan, report, original)

@@ -132,12 +132,17 @@ def test_per_step_statistics_are_indexed_by_timestep_and_skip_half_steps(schedul
     z = call_unpatched(pipe, [TRIGGERED, CLEAN], generator=gens([4, 4]), num_inference_steps=STEPS,
                        guidance_scale=4.5, output_type="latent", callback_on_step_end=by_hand).images
     assert_same(out, z[:1])
-    with pytest.raises(ProfileMismatchError, match="steps"):
-        pipe([TRIGGERED], generator=gens([4]), num_inference_steps=STEPS + 1, output_type="latent")
+    # what the statistics cannot cover is refused whatever the prompt: a pipeline that works
+    # until a triggered prompt arrives would fail only in production
+    for prompt in (TRIGGERED, OTHER):
+        with pytest.raises(ProfileMismatchError, match="steps"):
+            pipe([prompt], generator=gens([4]), num_inference_steps=STEPS + 1, output_type="latent")
     pipe.scheduler = zoo_pipe("txt2img", "pndm").scheduler
+    for prompt in (TRIGGERED, OTHER):
+        with pytest.raises(ProfileMismatchError, match="PNDMScheduler"):
+            pipe([prompt], generator=gens([4]), num_inference_steps=STEPS, output_type="latent")
     with pytest.raises(ProfileMismatchError, match="PNDMScheduler"):
-        pipe([TRIGGERED], generator=gens([4]), num_inference_steps=STEPS, output_type="latent")
-    assert pipe([OTHER], generator=gens([4]), num_inference_steps=STEPS, output_type="latent").images.shape[0] == 1
+        sau_kernels.patch(pipe, profile, mode="per_step")  # and patch() sees it at once
 
 
 def test_from_pipe_shares_components_and_each_pipeline_is_patched_on_its_own():
@@ -390,6 +395,60 @@ def test_prompt_embeds_are_refused_unless_let_through_and_then_reported_unscreen
     assert out.sau_report.unscreened and out.sau_report.prompts[0]["prompt"] is None
 
 
+def test_per_step_modes_hold_every_call_to_the_profiles_schedule():
+    """Custom timesteps or sigmas give a schedule the statistics may not cover: refused
+    before any work whatever the prompt, unless they are the profile's own timesteps."""
+    pipe = zoo_pipe("txt2img", "euler")
+    profile = sau_kernels.calibrate(pipe, "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                    progress=False, positions=("prepend",))
+    sau_kernels.patch(pipe, profile, mode="per_step")
+    own = [int(t) for t in profile.params["timesteps"]]
+    out = pipe([TRIGGERED], timesteps=own, generator=gens([4]), output_type="latent")
+    assert out.sau_report.triggered == [0]
+    other = [t + 10 for t in own]
+    for prompt in (TRIGGERED, OTHER):
+        with pytest.raises(ProfileMismatchError, match="timesteps"):
+            pipe([prompt], timesteps=other, num_inference_steps=STEPS, generator=gens([4]), output_type="latent")
+        with pytest.raises(ProfileMismatchError, match="steps"):
+            pipe([prompt], timesteps=own[:-1], generator=gens([4]), output_type="latent")
+        with pytest.raises(ValueError, match="sigmas"):
+            pipe([prompt], sigmas=[10.0, 4.0, 1.0, 0.3][:STEPS], generator=gens([4]), output_type="latent")
+
+
+def tensor_to_pil(image: torch.Tensor):
+    import PIL.Image
+
+    return PIL.Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+IMAGE_INPUTS = {  # image-to-image inputs of the pipeline's every kind, and their latents' size
+    "PIL": lambda: tensor_to_pil(image_batch(1, 72)[0]),
+    "PIL, odd size": lambda: tensor_to_pil(image_batch(1, 70)[0, :, :, :54]),
+    "list of PIL": lambda: [tensor_to_pil(image_batch(1, 72)[0])] * 2,
+    "tensor": lambda: image_batch(1, 72) * 2 - 1,
+    "latents": lambda: torch.randn(1, 4, 18, 18, generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGE_INPUTS))
+def test_an_image_of_another_size_is_refused_on_every_call_and_the_size_is_the_pipelines(kind):
+    """The latents' size of an image-to-image call is known before it runs, so a size the
+    profile does not cover is refused for clean prompts too; the size the wrapper predicts
+    is the one the pipeline makes."""
+    from sau_kernels.request import _expected_latent_shape
+
+    image = IMAGE_INPUTS[kind]()
+    rows = len(image) if isinstance(image, list) else 1
+    pipe, sizes = zoo_pipe("img2img"), []
+    call_unpatched(pipe, [OTHER] * rows, image=image, strength=1.0, num_inference_steps=2, output_type="latent",
+                   callback_on_step_end=lambda p, i, t, kw: sizes.append(tuple(kw["latents"].shape[1:])) or {})
+    assert _expected_latent_shape(pipe, {"image": image}) == sizes[0] != zoo_profile().latent_shape
+    sau_kernels.patch(pipe, zoo_profile())
+    for prompt in (TRIGGERED, OTHER):
+        with pytest.raises(ProfileMismatchError, match="latents"):
+            pipe([prompt] * rows, image=image, strength=1.0, num_inference_steps=2, output_type="latent")
+
+
 def test_modes_a_pipeline_cannot_run_are_refused_at_patch_or_before_work():
     pipe = sdxl_pipe()
     with pytest.raises(ValueError, match="per_step_eps"):
@@ -400,6 +459,10 @@ def test_modes_a_pipeline_cannot_run_are_refused_at_patch_or_before_work():
                               per_step_eps=True, progress=False)
     profile = sau_kernels.calibrate(zoo_pipe(), "new trigger", [CLEAN], num_pairs=1, num_inference_steps=STEPS,
                                     per_step_eps=True, progress=False, positions=("prepend",))
-    sau_kernels.patch(heun, profile, mode="per_step_eps")
     with pytest.raises(ValueError, match="two per step"):
-        heun([TRIGGERED], num_inference_steps=STEPS, output_type="latent")
+        sau_kernels.patch(heun, profile, mode="per_step_eps")
+    ddim = sau_kernels.patch(zoo_pipe(), profile, mode="per_step_eps")
+    ddim.scheduler = heun.scheduler  # swapped after patch(): every call refuses, triggered or not
+    for prompt in (TRIGGERED, OTHER):
+        with pytest.raises(ValueError, match="two per step"):
+            ddim([prompt], num_inference_steps=STEPS, output_type="latent")

@@ -313,11 +313,13 @@ def test_profile_from_another_model_is_refused(profile):
 
 def test_call_that_does_not_fit_the_profile(pipe, profile, info):
     sau_kernels.patch(pipe, profile, mode="per_step")
-    with pytest.raises(ProfileMismatchError, match="steps"):
-        pipe(triggered(info)[:1], num_inference_steps=STEPS + 5)
+    for prompts in (triggered(info)[:1], ["a red circle on a blue background"]):  # triggered or not
+        with pytest.raises(ProfileMismatchError, match="steps"):
+            pipe(prompts, num_inference_steps=STEPS + 5)
     sau_kernels.patch(pipe, profile)
-    with pytest.raises(ProfileMismatchError, match="latents"):
-        pipe(triggered(info)[:1], height=32, width=32, num_inference_steps=2)
+    for prompts in (triggered(info)[:1], ["a red circle on a blue background"]):
+        with pytest.raises(ProfileMismatchError, match="latents"):
+            pipe(prompts, height=32, width=32, num_inference_steps=2)
 
 
 def test_profile_with_wrong_shapes_is_refused(profile):
@@ -380,22 +382,34 @@ def test_output_check_catches_what_the_screen_cannot_see(pipe, profile, info, po
 
 
 def test_outputs_the_check_cannot_score_are_reported_or_refused(pipe, profile):
-    """At another latent size the signature does not apply: an untriggered call's outputs
-    go unchecked, said in the report and a warning ("flag"), or the call is refused ("raise")."""
+    """At another latent size neither the repair nor the signature applies. Where the call's
+    arguments give the size, every call is refused before any work. Where only the running
+    pipeline knows it (an image-to-image call from a NumPy image), an untriggered call's
+    outputs go unchecked, said in the report and a warning ("flag"), or the call is refused
+    at its first step ("raise")."""
+    import diffusers
+
     size = 2 * pipe.vae_scale_factor * profile.latent_shape[-1]
-    call = dict(generator=gens(SEEDS[:1]), num_inference_steps=2, height=size, width=size, output_type="latent")
+    call = dict(generator=gens(SEEDS[:1]), num_inference_steps=2, output_type="latent")
     sau_kernels.patch(pipe, profile)
+    with pytest.raises(ProfileMismatchError, match="latents"):
+        pipe(PROMPTS[:1], height=size, width=size, **call)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(sau_kernels.unpatch(pipe))
+    img2img.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(0).random((1, size, size, 3)).astype(np.float32)
+    call.update(image=image, strength=1.0)
+    sau_kernels.patch(img2img, profile)
     with pytest.warns(UserWarning, match="output check did not run"):
-        pipe(PROMPTS[:1], **call)
-    assert "the profiles'" in pipe.sau_report.output_check_skipped and pipe.sau_report.suspects == []
-    sau_kernels.patch(pipe, profile, output_check="raise")
+        img2img(PROMPTS[:1], **call)
+    assert "the profiles'" in img2img.sau_report.output_check_skipped and img2img.sau_report.suspects == []
+    sau_kernels.patch(img2img, profile, output_check="raise")
     steps = []
     with pytest.raises(sau_kernels.ProfileMismatchError, match="cannot check this call's outputs"):
-        pipe(PROMPTS[:1], **dict(call, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}))
+        img2img(PROMPTS[:1], **dict(call, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}))
     assert steps == []  # refused at its first step, before the user's callback saw one
-    sau_kernels.patch(pipe, profile, output_check="raise")
-    pipe(PROMPTS[:1], **dict(call, height=None, width=None))  # at the profile's size it runs
-    assert pipe.sau_report.output_check_skipped is None
+    small = np.random.default_rng(0).random((1, size // 2, size // 2, 3)).astype(np.float32)
+    img2img(PROMPTS[:1], **dict(call, image=small))  # at the profile's size it runs
+    assert img2img.sau_report.output_check_skipped is None
 
 
 def test_a_profile_that_would_defend_nothing_is_refused(profile):
