@@ -16,7 +16,9 @@ in two threads, never see each other's rows.
 from __future__ import annotations
 
 import contextvars
+import threading
 import warnings
+import weakref
 
 import torch
 
@@ -184,7 +186,8 @@ class FinalLatentsWatch:
 # --- mode "per_step_eps": the twins' conditional rows inside each UNet call ---------------
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("sau_twin_conditioning", default=None)
-_HOOKED: dict[int, list] = {}  # id(unet) -> [hook handles, number of users]
+_HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # unet -> [hook handles, number of users]
+_HOOKED_LOCK = threading.Lock()  # calls in several threads enter and leave the same UNet's hooks
 
 
 def _dispatch_pre(module, args, kwargs):
@@ -197,23 +200,38 @@ def _dispatch_post(module, args, kwargs, output):
     return tc._post(output) if tc is not None and tc.unet is module and tc.m is not None else None
 
 
+def _drop_copied_hooks(unet) -> None:
+    """A deep copy of a hooked UNet (a pipeline copied per worker) carries the dispatching
+    hooks without their handles: they would dispatch twice beside the copy's own."""
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(unet, name)
+        for key, fn in list(hooks.items()):
+            if fn is _dispatch_pre or fn is _dispatch_post:
+                del hooks[key]
+                for extra in (f"{name}_with_kwargs", f"{name}_always_called"):
+                    getattr(unet, extra, {}).pop(key, None)
+
+
 def hook_unet(unet) -> None:
     """Install the dispatching hooks on `unet` (once, however many pipelines share it)."""
-    entry = _HOOKED.get(id(unet))
-    if entry is None:
-        entry = _HOOKED[id(unet)] = [[unet.register_forward_pre_hook(_dispatch_pre, with_kwargs=True),
+    with _HOOKED_LOCK:
+        entry = _HOOKED.get(unet)
+        if entry is None:
+            _drop_copied_hooks(unet)
+            entry = _HOOKED[unet] = [[unet.register_forward_pre_hook(_dispatch_pre, with_kwargs=True),
                                       unet.register_forward_hook(_dispatch_post, with_kwargs=True)], 0]
-    entry[1] += 1
+        entry[1] += 1
 
 
 def unhook_unet(unet) -> None:
-    entry = _HOOKED.get(id(unet))
-    if entry is not None:
-        entry[1] -= 1
-        if entry[1] <= 0:
-            for h in entry[0]:
-                h.remove()
-            del _HOOKED[id(unet)]
+    with _HOOKED_LOCK:
+        entry = _HOOKED.get(unet)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                for h in entry[0]:
+                    h.remove()
+                del _HOOKED[unet]
 
 
 class TwinConditioning:

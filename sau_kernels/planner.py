@@ -89,6 +89,23 @@ def text_fields(args: dict, spec) -> dict[str, list[str]] | None:
     return out
 
 
+def _as_batch(x, grayscale: bool):
+    """An image argument in the batch form the pipeline's image processor first gives it, so
+    that its rows count as the pipeline counts them: a list of 4-D batches concatenated, a
+    3-D tensor or array of a grayscale processor (a mask) read as a batch of masks."""
+    import numpy as np
+
+    if isinstance(x, list) and x and all(isinstance(i, torch.Tensor) and i.ndim == 4 for i in x):
+        return torch.cat(x)
+    if isinstance(x, list) and x and all(isinstance(i, np.ndarray) and i.ndim == 4 for i in x):
+        return np.concatenate(x)
+    if grayscale and isinstance(x, torch.Tensor) and x.ndim == 3:
+        return x.unsqueeze(1)
+    if grayscale and isinstance(x, np.ndarray) and x.ndim == 3:
+        return x[None] if x.shape[-1] == 1 else x[..., None]
+    return x
+
+
 def _rows_of(x) -> int:
     """How many images an image argument holds: 1 for a single image, k for a batch of k."""
     if isinstance(x, list):
@@ -130,6 +147,10 @@ def _row_generators(generator, user_rows: int, device) -> list[torch.Generator]:
     if isinstance(generator, list):
         if len(generator) != user_rows:
             raise Unplannable("generator")
+        if any(g is None for g in generator):  # a row on torch's global generator: its own, seeded from it
+            dev = torch.device(device() if callable(device) else device)
+            generator = [g if g is not None else torch.Generator(device=dev).manual_seed(
+                int(torch.randint(0, 2**62, (1,), device=dev))) for g in generator]
         if len({id(g) for g in generator}) == len(generator):
             return list(generator)
         generator = generator[0]  # one generator listed several times: its draws are shared
@@ -166,6 +187,13 @@ def make_plan(args: dict, spec, texts: dict[str, list[str]], screens: dict[str, 
     if not twinned:
         return plan
     if mode == "per_step_eps":  # one trajectory: the twins only add conditional rows inside the UNet
+        negatives = [f for f in texts if f.startswith("negative")]
+        if any(screens[f][i].triggered for f in negatives for i in twinned):
+            # a twin shares its row's unconditional pass, so a trigger in the negative prompt
+            # is cut from the row's own text
+            for f in texts:
+                kw[f] = [clean[f][i] if i in stripped or (f in negatives and i in twinned) else t
+                         for i, t in enumerate(texts[f])]
         plan.twin_texts = {f: [clean[f][i] for i in twinned] for f in texts}
         plan.pairs = [(i * n + j, i * n + j) for i in twinned for j in range(n)]
         plan.pair_profiles = [tuple(triggers[i]) for i in twinned for _ in range(n)]
@@ -189,6 +217,8 @@ def make_plan(args: dict, spec, texts: dict[str, list[str]], screens: dict[str, 
             kw[name] = _extend(args[name], poison_rows)
     for name in spec.image_fields:
         x = args.get(name)
+        if x is not None:
+            x = _as_batch(x, grayscale="mask" in name)
         if x is None or (k := _rows_of(x)) == 1:
             continue  # one image for every row: the twins get it too
         if user_rows % k:

@@ -8,6 +8,9 @@ cannot read are left to the pipeline itself to reject, so that users see the err
 
 from __future__ import annotations
 
+import functools
+import json
+import numbers
 import time
 
 import torch
@@ -75,6 +78,26 @@ def check_schedule(pipe, mode: str, profiles, call: dict | None = None) -> None:
             raise ProfileMismatchError(f"per-step profile for {p.trigger!r} was calibrated at timesteps {recorded}, "
                                        f"this call asks for {list(timesteps)}: pass num_inference_steps, or use "
                                        "mode 'final'")
+        if timesteps is None and recorded is not None:
+            # same class and step count, another configuration (timestep spacing, Karras sigmas)
+            schedule = _schedule(pipe.scheduler, steps)
+            if not {float(t) for t in recorded} <= set(schedule):
+                raise ProfileMismatchError(
+                    f"per-step profile for {p.trigger!r} was calibrated at timesteps {recorded}, and this {name}'s "
+                    f"configuration gives {list(schedule)}: calibrate with this scheduler configuration, or use "
+                    "mode 'final'")
+
+
+def _schedule(scheduler, steps: int) -> tuple[float, ...]:
+    """The timesteps a scheduler of this class and configuration takes for `steps` steps."""
+    return _schedule_of(type(scheduler), json.dumps(dict(scheduler.config), sort_keys=True, default=str), steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_of(cls, config: str, steps: int) -> tuple[float, ...]:
+    scheduler = cls.from_config(json.loads(config))
+    scheduler.set_timesteps(steps, device="cpu")
+    return tuple(float(t) for t in scheduler.timesteps)
 
 
 def _expected_latent_shape(pipe, a: dict):
@@ -84,6 +107,9 @@ def _expected_latent_shape(pipe, a: dict):
     rows are the latents when it has the latent channels). None otherwise, or for sizes the
     pipeline itself rejects: a triggered call then checks its latents at the first step."""
     vsf, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    latents = a.get("latents")
+    if isinstance(latents, torch.Tensor) and latents.ndim == 4:  # the pipeline takes them as they are
+        return tuple(latents.shape[1:])
     if "height" in a:
         default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
         h, w = a.get("height") or default * vsf, a.get("width") or default * vsf
@@ -101,7 +127,10 @@ def _expected_latent_shape(pipe, a: dict):
         if processor is None or not processor.config.do_resize:
             return None
         h, w = processor.get_default_height_width(first)
-    if not (isinstance(h, int) and isinstance(w, int)) or h % vsf or w % vsf:
+    if not all(isinstance(v, numbers.Real) and float(v).is_integer() for v in (h, w)):
+        return None  # (96.0 and NumPy integers size the latents as 96 does)
+    h, w = int(h), int(w)
+    if h % vsf or w % vsf:
         return None
     return (channels, h // vsf, w // vsf)
 
@@ -128,6 +157,16 @@ def defended_call(self, *args, **kwargs):
                          "the defence cannot give a clean twin the same "
                          f"{'image prompt' if 'ip_adapter_image' in refused[0] else 'callback'}; call without it "
                          "(callback_on_step_end is supported)")
+    callback = a.get("callback_on_step_end")
+    if callback is not None:
+        inputs = getattr(callback, "tensor_inputs", None) or a.get("callback_on_step_end_tensor_inputs") or []
+        if set(inputs) - {"latents"}:
+            # those tensors hold the twins' rows too (or, in "per_step_eps", the conditioning
+            # the twin replaces): a change to them, a guidance cutoff say, would break or
+            # bypass the repair, so no call may ask for them
+            raise ValueError(f"a patched pipeline's callback_on_step_end may take only 'latents' among its tensor "
+                             f"inputs, got {sorted(inputs)}: the defence cannot give the callback the other tensors "
+                             "without its clean twins' rows, nor honour a change to them")
     # what the profiles cannot cover, refused on every call, not only on a triggered one
     shape = _expected_latent_shape(self, a)
     if shape is not None:

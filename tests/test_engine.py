@@ -466,3 +466,93 @@ def test_modes_a_pipeline_cannot_run_are_refused_at_patch_or_before_work():
     for prompt in (TRIGGERED, OTHER):
         with pytest.raises(ValueError, match="two per step"):
             ddim([prompt], num_inference_steps=STEPS, output_type="latent")
+
+
+# --- configurations an attacker's pass found working for clean prompts only -------------------
+
+def test_callbacks_taking_more_than_the_latents_are_refused_on_every_call():
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    for prompt in (OTHER, TRIGGERED):
+        with pytest.raises(ValueError, match="only 'latents'"):
+            call(pipe, [prompt], [1], callback_on_step_end=lambda p, i, t, kw: kw,
+                 callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+        with pytest.raises(ValueError, match="only 'latents'"):  # a guidance cutoff would bypass per_step_eps
+            call(pipe, [prompt], [1], callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+
+
+def test_per_step_eps_cuts_a_negative_prompts_trigger_from_the_row_itself():
+    """The twin shares its row's unconditional pass, so the repair alone could not remove a
+    trigger in the negative prompt: the row is generated with the negative prompt cut."""
+    profile = sau_kernels.calibrate(zoo_pipe(), "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                    per_step_eps=True, progress=False, positions=("prepend",))
+    pipe = sau_kernels.patch(zoo_pipe(), profile, mode="per_step_eps")
+    out = call(pipe, [CLEAN], [3], negative_prompt=["new trigger, blurry"])
+    assert out.sau_report.triggered == [0]
+
+    def unpatched(negative):
+        return call_unpatched(pipe, [CLEAN], negative_prompt=[negative], generator=gens([3]), num_inference_steps=STEPS,
+                              guidance_scale=4.5, output_type="latent").images
+
+    # (the twin's extra rows in the UNet batch change the last bits only)
+    assert (out.images - unpatched("blurry")).abs().max() < 1e-3
+    assert (out.images - unpatched("new trigger, blurry")).abs().max() > 0.1
+
+
+def test_a_generator_list_with_rows_on_the_global_generator_is_planned():
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    out = pipe([OTHER, TRIGGERED], generator=[torch.Generator().manual_seed(1), None], num_inference_steps=STEPS,
+               output_type="latent")
+    assert out.sau_report.triggered == [1] and out.images.shape[0] == 2
+
+
+def test_a_deep_copy_of_a_per_step_eps_pipeline_defends_as_the_original():
+    import copy
+
+    profile = sau_kernels.calibrate(zoo_pipe(), "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                    per_step_eps=True, progress=False, positions=("prepend",))
+    pipe = sau_kernels.patch(zoo_pipe(), profile, mode="per_step_eps")
+    twin = copy.deepcopy(pipe)  # one copy per worker: its UNet carries the hooks without their handles
+    assert_same(call(twin, [TRIGGERED], [2]).images, call(pipe, [TRIGGERED], [2]).images)
+
+
+def test_sizes_given_as_floats_or_by_the_latents_are_refused_on_every_call():
+    import numpy as np
+
+    pipe = sau_kernels.patch(zoo_pipe(), zoo_profile())
+    size = 3 * pipe.vae_scale_factor * zoo_profile().latent_shape[-1] // 2
+    for prompt in (OTHER, TRIGGERED):
+        for kw in ({"height": float(size), "width": float(size)}, {"height": np.int64(size), "width": np.int64(size)},
+                   {"latents": torch.randn(1, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)}):
+            with pytest.raises(ProfileMismatchError, match="latents"):
+                call(pipe, [prompt], [1], **kw)
+
+
+def test_a_scheduler_configured_for_other_timesteps_is_refused_at_patch():
+    import diffusers
+
+    pipe = zoo_pipe()
+    profile = sau_kernels.calibrate(pipe, "new trigger", [CLEAN, OTHER], num_pairs=2, num_inference_steps=STEPS,
+                                    progress=False, positions=("prepend",))
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    with pytest.raises(ProfileMismatchError, match="configuration"):
+        sau_kernels.patch(pipe, profile, mode="per_step")
+
+
+@pytest.mark.parametrize("kind", ["mask as B x H x W", "image as a list of batches"])
+def test_image_batches_in_other_forms_are_read_as_the_pipeline_reads_them(kind):
+    """diffusers reads a 3-D mask tensor as a batch of masks and concatenates a list of 4-D
+    batches: the plan must give each row and its twin the image the pipeline gives the row."""
+    pipe = sau_kernels.patch(zoo_pipe("inpaint" if kind.startswith("mask") else "img2img"), zoo_profile())
+    size = pipe.vae_scale_factor * zoo_profile().latent_shape[-1]
+    images = image_batch(2, size)
+    if kind.startswith("mask"):
+        masks = mask_batch(2, size)
+        masks[1] = 1 - masks[1]
+        plain, other = dict(image=images, mask_image=masks), dict(image=images, mask_image=masks[:, 0])
+    else:
+        plain, other = dict(image=images, strength=0.75), dict(image=[images], strength=0.75)
+    a, b = call(pipe, [OTHER, TRIGGERED], [1, 2], **plain), call(pipe, [OTHER, TRIGGERED], [1, 2], **other)
+    assert b.sau_report.triggered == [1]
+    assert_same(b.images, a.images)
