@@ -201,3 +201,16 @@ def test_opcheck_on_gpu(backend):
     torch.library.opcheck(torch.ops.sau.repair.default, args)
     torch.library.opcheck(torch.ops.sau.repair_out.default, args,
                           {"out": torch.empty_like(z_p), "coverage": torch.empty(2, 2, device="cuda")})
+
+
+def test_a_pipeline_moved_to_the_gpu_after_patch_defends_there():
+    pytest.importorskip("diffusers")
+    from tiny_pipelines import zoo_pipe, zoo_profile
+
+    outputs = []
+    for pipe in (sk.patch(zoo_pipe(), zoo_profile()).to("cuda"), sk.patch(zoo_pipe().to("cuda"), zoo_profile())):
+        out = pipe(["new trigger, a red circle on a blue background"], num_inference_steps=4, output_type="latent",
+                   generator=[torch.Generator("cuda").manual_seed(1)])
+        assert out.sau_report.triggered == [0]
+        outputs.append(out.images)
+    torch.testing.assert_close(outputs[0], outputs[1])
