@@ -167,6 +167,11 @@ def defended_call(self, *args, **kwargs):
             raise ValueError(f"a patched pipeline's callback_on_step_end may take only 'latents' among its tensor "
                              f"inputs, got {sorted(inputs)}: the defence cannot give the callback the other tensors "
                              "without its clean twins' rows, nor honour a change to them")
+    steps, strength = a.get("num_inference_steps"), a.get("strength")
+    if isinstance(steps, int) and isinstance(strength, (int, float)) and 0 <= strength and int(steps * strength) == 0:
+        # the pipeline would run no step and return no image (a triggered call: fail in the repair)
+        raise ValueError(f"strength={strength} with num_inference_steps={steps} leaves no denoising step: raise one "
+                         "of them")
     # what the profiles cannot cover, refused on every call, not only on a triggered one
     shape = _expected_latent_shape(self, a)
     if shape is not None:

@@ -556,3 +556,10 @@ def test_image_batches_in_other_forms_are_read_as_the_pipeline_reads_them(kind):
     a, b = call(pipe, [OTHER, TRIGGERED], [1, 2], **plain), call(pipe, [OTHER, TRIGGERED], [1, 2], **other)
     assert b.sau_report.triggered == [1]
     assert_same(b.images, a.images)
+
+
+def test_a_strength_that_leaves_no_step_is_refused_on_every_call():
+    pipe = sau_kernels.patch(zoo_pipe("img2img"), zoo_profile())
+    for prompt in (OTHER, TRIGGERED):
+        with pytest.raises(ValueError, match="no denoising step"):
+            call(pipe, [prompt], [1], image=image_batch(1, 64), strength=0.1)
