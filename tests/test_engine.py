@@ -563,3 +563,53 @@ def test_a_strength_that_leaves_no_step_is_refused_on_every_call():
     for prompt in (OTHER, TRIGGERED):
         with pytest.raises(ValueError, match="no denoising step"):
             call(pipe, [prompt], [1], image=image_batch(1, 64), strength=0.1)
+
+
+def _scheduler_classes():
+    """Every scheduler class diffusers exports that builds from an SD scheduler config."""
+    import diffusers
+
+    config = zoo_pipe().scheduler.config
+    names = []
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Scheduler")):
+        try:
+            getattr(diffusers, name).from_config(config)
+        except Exception:  # noqa: BLE001 - needs an extra dependency, or not a diffusion scheduler
+            continue
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("mode", ["final", "per_step", "per_step_eps"])
+def test_every_scheduler_is_refused_at_patch_or_treats_clean_and_triggered_calls_alike(mode):
+    """For each scheduler diffusers has: patch() refuses it, or a clean and a triggered call
+    both run, or both fail the same way (the pipeline's own error): never a defence that
+    fails only when the trigger arrives."""
+    import diffusers
+
+    names = _scheduler_classes()
+    assert len(names) >= 12
+    profile = zoo_profile()
+    if mode != "final":
+        profile = sau_kernels.calibrate(zoo_pipe(), "new trigger", [CLEAN, OTHER], num_pairs=2,
+                                        num_inference_steps=STEPS, per_step_eps=True, progress=False,
+                                        positions=("prepend",))
+    outcomes = {}
+    for name in names:
+        pipe = zoo_pipe()
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        try:
+            sau_kernels.patch(pipe, profile, mode=mode)
+        except (ProfileMismatchError, ValueError):
+            outcomes[name] = "refused at patch"
+            continue
+        results = []
+        for prompt in (OTHER, TRIGGERED):
+            try:
+                call(pipe, [prompt], [1])
+                results.append("ran")
+            except Exception as e:  # noqa: BLE001 - compared below
+                results.append(f"{type(e).__name__}: {e}")
+        assert results[0] == results[1], (name, results)
+        outcomes[name] = results[0]
+    assert any(v == "ran" for v in outcomes.values()), outcomes
