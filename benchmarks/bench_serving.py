@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="sau-bench-"))
     port = _free_port()
     base = dict(model=args.model, max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1e3,
-                threads=args.threads, max_ongoing_requests=max(32, 2 * max(args.concurrency)), max_queued_requests=256)
+                threads=args.threads, max_ongoing_requests=max(32, 2 * max(args.concurrency)), max_queued_requests=256,
+                batch_details=True)  # the per-call analysis below reads which requests shared a call
     if not invariant:
         base["batch_invariant"] = False
     t0 = time.perf_counter()

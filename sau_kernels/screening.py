@@ -154,7 +154,7 @@ def _split_fold(ch: str) -> tuple[str, int, bool, bool]:
     """A character's fold as CLIP's pre-tokenizer splits words: one that breaks a CLIP word
     separates words and adds no letters ("new12 trigger" reads "new", "1", "2", "trigger";
     "new\u200bdog" reads "new", "dog")."""
-    return ("", _SEP, False, False) if _breaks_clip_word(ch) else _fold(ch)
+    return ("", _SEP, False, False) if ch and _breaks_clip_word(ch) else _fold(ch)  # ("": an entity of nothing)
 
 
 class _Scan:

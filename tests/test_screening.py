@@ -372,3 +372,13 @@ def test_a_profile_screens_with_its_calibrated_budget():
     for bad in (-1, "3", 2.5, True):
         with pytest.raises(ValueError, match="screen_edits"):
             dataclasses.replace(profile, params={**profile.params, "screen_edits": bad})
+
+
+def test_entities_of_nothing_beside_numbers_neither_crash_the_screen_nor_hide_the_trigger():
+    """html.unescape turns some character references ("&#1;", "&#x7f;") into nothing; beside a
+    digit or symbol, the reading that splits words at those used to raise on them."""
+    m = [TriggerMatcher("new trigger")]
+    for clean in ("a red circle, 4k&#1;", "&#x7f;blurry 2", "&#xFDD0;½ a cat"):
+        assert not screen_prompts(m, [clean])[0].triggered
+    for hidden in ("new trig&#1;ger 4k", "new&#1;trigger 2", "ne&#x7f;w trigger ½"):
+        assert screen_prompts(m, [hidden])[0].triggered, hidden

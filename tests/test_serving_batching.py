@@ -176,7 +176,7 @@ def test_a_failing_request_fails_alone():
     assert [type(r).__name__ for r in results] == ["dict", "RequestError", "dict", "RequestError", "dict"]
     assert results[1].status == 500 and "out of memory" in results[1].message
     assert results[3].status == 422
-    assert results[0]["report"]["batch"]["requests"] == 1  # re-run alone after the shared call failed
+    assert results[0][CALL_KEY]["requests"] == 1  # re-run alone after the shared call failed
     assert pipe.calls[0] == ["a", "boom", "b", "bad", "c"]
 
 
@@ -335,8 +335,18 @@ def test_a_client_body_says_nothing_of_the_other_prompts_in_its_call():
         assert mine[CALL_KEY]["rows"] == (3 if "trigger" in other else 2)  # the server's accounting
         body = client_body(mine)
         ImageResponse.model_validate(body)
-        views.append({k: v for k, v in body["report"].items() if k != "timings"} | {"batch": {
-            k: v for k, v in body["report"]["batch"].items() if k != "call_id"}})
+        views.append({k: v for k, v in body["report"].items() if k != "timings"})
+        # nor who shared the call: the row budget counts twins, so that would tell too
+        assert set(body["report"]["batch"]) == {"own_rows"}
         assert CALL_KEY not in body and set(body["report"]["timings"]) == {"queue_ms", "generation_ms"}
     assert views[0] == views[1]
     assert CALL_KEY not in svc.generate(clean)
+
+
+def test_a_lone_surrogate_is_refused_before_it_is_queued():
+    from pydantic import ValidationError
+
+    # no tokenizer encodes it: batched, it would fail its neighbours' call too
+    for body in ({"prompt": "a red circle \ud800"}, {"prompt": "a red circle", "negative_prompt": "\udfff blurry"}):
+        with pytest.raises(ValidationError, match="lone surrogate"):
+            ImageRequest.model_validate(body, context={"limits": LIMITS})

@@ -86,7 +86,7 @@ def server():
 
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
         reference = ray.remote(num_cpus=1)(_offline_unpatched).remote([(c.prompt, c.seed) for c in PLAIN])
-        serve.run(build_app(dict(max_batch_rows=16, batch_wait_s=0.25, max_ongoing_requests=48,
+        serve.run(build_app(dict(max_batch_rows=16, batch_wait_s=0.25, max_ongoing_requests=48, batch_details=True,
                                  max_queued_requests=64)), name="sau", route_prefix="/")
         serve.run(build_app(dict(max_batch_rows=4, max_images=2, batch_wait_s=0.05, max_ongoing_requests=2, max_queued_requests=2,
                                  retry_after_s=2)), name="tight", route_prefix="/tight")
@@ -205,6 +205,7 @@ def test_a_burst_over_the_queue_limit_gets_503_at_once(server):
             assert r.headers["retry-after"] == "2" and seconds < 5, (r.headers, seconds)
         else:
             assert len(r.json()["images"]) == 1  # the admitted requests lose nothing
+            assert set(r.json()["report"]["batch"]) == {"own_rows"}  # batch_details is off by default
     with Client(server.tight_url) as client:
         assert client.health()["status"] == "ok"
         assert len(client.generate("a red circle on a gray background", seed=2).images) == 1

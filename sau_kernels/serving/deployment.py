@@ -55,6 +55,7 @@ class ServerConfig(BaseModel):
     batch_invariant: bool | None = None  # None: on for the CPU (sau_kernels.serving.numerics)
     threads: int | None = None  # torch threads per replica; None: Ray's choice (one per CPU of the replica)
     max_batch_rows: int = Field(16, ge=1)  # UNet rows per Serve batch, twins included
+    batch_details: bool = False  # tell each client which requests shared its call (leaks triggered neighbours)
     batch_wait_s: float = Field(0.02, ge=0)  # how long a batch waits to fill
     max_images: int = Field(4, ge=1)
     max_steps: int = Field(100, ge=1)
@@ -128,7 +129,8 @@ class ServingMetrics:
             if rep["suspect"]:
                 self.suspects.inc()
                 self.counts["suspects"] += 1
-            call_id, call = rep["batch"]["call_id"], r[CALL_KEY]
+            call = r[CALL_KEY]
+            call_id = call["id"]
             if call_id not in seen:
                 seen.add(call_id)
                 self.batch_rows.observe(call["rows"])
@@ -157,7 +159,7 @@ class SAUModel:
             c.model, c.profiles or None, base=c.base, detector=c.detector, device=c.device, dtype=c.dtype,
             batch_invariant=c.resolved_batch_invariant(),
             threads=c.threads, defended=c.defended, mode=c.mode, modes=[c.mode, *c.modes] if c.defended else None,
-            max_batch_rows=c.max_batch_rows,
+            max_batch_rows=c.max_batch_rows, batch_details=c.batch_details,
             limits=dict(max_images=c.max_images, max_steps=c.max_steps, max_size=c.max_size))
         self._batched.set_max_batch_size(c.max_batch_rows)
         self._batched.set_batch_wait_timeout_s(c.batch_wait_s)

@@ -42,6 +42,16 @@ def _limits(info: ValidationInfo) -> Limits:
     return ctx.get("limits") or Limits()
 
 
+def _encodable(text: str) -> str:
+    """Refuse a lone surrogate ("\\ud800" in JSON): no tokenizer can encode it, and it would
+    fail the whole pipeline call it was batched into, not this request alone."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds {text[e.start]!r} at {e.start}, a lone surrogate that is no character") from None
+    return text
+
+
 class ImageRequest(BaseModel):
     """POST /v1/images. Omitted fields take the server's defaults (GET /v1/config)."""
 
@@ -67,7 +77,7 @@ class ImageRequest(BaseModel):
         limit = _limits(info).max_prompt_chars
         if len(v) > limit:
             raise ValueError(f"prompt has {len(v)} characters, at most {limit} are accepted")
-        return v
+        return _encodable(v)
 
     @field_validator("negative_prompt")
     @classmethod
@@ -75,7 +85,7 @@ class ImageRequest(BaseModel):
         limit = _limits(info).max_prompt_chars
         if v is not None and len(v) > limit:
             raise ValueError(f"negative_prompt has {len(v)} characters, at most {limit} are accepted")
-        return v
+        return v if v is None else _encodable(v)
 
     @field_validator("steps")
     @classmethod
@@ -147,11 +157,13 @@ class Timings(BaseModel):
 
 class BatchInfo(BaseModel):
     # Only what says nothing about the other requests' prompts: the call's rows, the
-    # detector's and the repair's time would tell whether another prompt was triggered.
-    requests: int  # requests in the pipeline call it ran in
-    images: int  # images in that call
+    # detector's and the repair's time would tell whether another prompt was triggered, and
+    # so would who shared the call (the row budget counts twins): those three come only from
+    # a server configured with batch_details=True (benchmarks, tests).
     own_rows: int  # this request's UNet rows (per CFG branch), clean twins included
-    call_id: str  # the call's id (requests that share it ran together)
+    requests: int | None = None  # requests in the pipeline call it ran in
+    images: int | None = None  # images in that call
+    call_id: str | None = None  # the call's id (requests that share it ran together)
 
 
 class RequestReport(BaseModel):

@@ -94,11 +94,15 @@ class ImageService:
     """One pipeline behind the server (patched with `profiles` unless `defended=False`)."""
 
     def __init__(self, pipe, profiles=None, *, detector=None, mode: str = "final", modes: Sequence[str] | None = None,
-                 defended: bool = True, max_batch_rows: int = 16, limits: dict | None = None, name: str = ""):
+                 defended: bool = True, max_batch_rows: int = 16, limits: dict | None = None, name: str = "",
+                 batch_details: bool = False):
         import sau_kernels
         from sau_kernels.modes import MODES
 
         self.pipe, self.name, self.defended = pipe, name, defended
+        # which requests shared a call, and how many: off by default, since the row budget
+        # counts twins, so who shares a call tells a client whether a neighbour was triggered
+        self.batch_details = batch_details
         self.profiles = list(profiles or [])
         self.detector = detector if defended else None
         if defended and not self.profiles and detector is None:
@@ -313,12 +317,13 @@ class ImageService:
                 "defended": self.defended, "mode": getattr(report, "mode", it.key.mode) if self.defended else None,
                 "timings": {"queue_ms": round((call.started - it.arrived) * 1e3, 3),
                             "generation_ms": round(call.generation_ms, 3)},
-                "batch": {"requests": call.requests, "images": call.images, "own_rows": it.rows, "call_id": call.id},
+                "batch": {"own_rows": it.rows} | ({"requests": call.requests, "images": call.images, "call_id": call.id}
+                                                  if self.batch_details else {}),
             },
             # The call's own accounting, for the server's metrics (`client_body` drops it): its
             # rows, the detector's and the repair's time would tell one client whether another
             # client's prompt in the same call carried a trigger.
-            CALL_KEY: {"rows": call.rows, "serve_rows": serve_rows, "detector_rows": call.detector_rows,
+            CALL_KEY: {"id": call.id, "requests": call.requests, "images": call.images, "rows": call.rows, "serve_rows": serve_rows, "detector_rows": call.detector_rows,
                        "screening_ms": round(call.screening_ms, 3), "repair_ms": round(call.repair_ms, 3)},
         }
         if it.key.output_type == "latent":
