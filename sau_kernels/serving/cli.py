@@ -40,6 +40,9 @@ def add_parsers(sub) -> None:
                    help="CPU: default kernels (faster; an image may differ in its last bits with its batch)")
     p.add_argument("--max-batch-rows", type=int, default=16, help="UNet rows per batch, clean twins included")
     p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--batch-details", action="store_true",
+                   help="tell each client which requests shared its call (for benchmarks: it shows a triggered "
+                        "neighbour)")
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--max-ongoing", type=int, default=32, help="requests per replica (running and filling)")
     p.add_argument("--max-queued", type=int, default=64, help="requests waiting for a replica; more get 503")
@@ -83,7 +86,8 @@ def _serve(args) -> int:
     config = dict(model=args.model, profiles=args.profile, detector=args.detector, base=args.base, device=args.device, dtype=args.dtype, mode=args.mode,
                   modes=args.modes, defended=not args.no_defence, threads=args.threads,
                   max_batch_rows=args.max_batch_rows, batch_wait_s=args.batch_wait_ms / 1e3, max_images=args.max_images,
-                  max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued, replicas=args.replicas)
+                  max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued, replicas=args.replicas,
+                  batch_details=args.batch_details)
     if args.no_batch_invariant:
         config["batch_invariant"] = False
     stop = threading.Event()
