@@ -54,6 +54,7 @@ __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
 # positive rate on ordinary prompts.
 T_FRAC = 0.6
 COMPONENTS = 32
+MAX_COMPONENT_SHARE = 0.25  # of the latent's values: the most a basis may span and leave a residual to score
 QUANTILE = 0.99
 FOLDS = 4
 MAX_ROUNDS = 4
@@ -229,9 +230,14 @@ def _check_statistics(mean: torch.Tensor, basis: torch.Tensor, threshold: float,
     if tuple(mean.shape) != (dims,) or basis.dim() != 2 or basis.shape[1] != dims:
         raise ValueError(f"the detector's mean {tuple(mean.shape)} and basis {tuple(basis.shape)} do not fit "
                          f"latents of {dims} values")
-    if basis.shape[0] != meta.get("components", basis.shape[0]) or basis.shape[0] >= dims:
+    if basis.shape[0] != meta.get("components", basis.shape[0]):
         raise ValueError(f"the detector's basis has {basis.shape[0]} rows, its metadata says "
                          f"{meta.get('components')} components")
+    if basis.shape[0] > dims * MAX_COMPONENT_SHARE:
+        # a basis spanning most of the latent leaves nothing to score: a trigger's change would
+        # fall inside it (one row short of the whole latent passed every prompt)
+        raise ValueError(f"the detector's basis has {basis.shape[0]} rows for latents of {dims} values: at most "
+                         f"{int(dims * MAX_COMPONENT_SHARE)} leave a residual to score")
     if not (torch.isfinite(mean).all() and torch.isfinite(basis).all()):
         raise ValueError("the detector's mean or basis holds non-finite values")
     gram = basis @ basis.T
@@ -279,6 +285,14 @@ class TriggerDetector:
         # many): what scoring and localisation cost, for a server's accounting
         self.rows_scored = 0
 
+    def __getstate__(self) -> dict:
+        # a pipeline deep-copied per worker copies its detector: each copy gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def probe_batch(self) -> int:
         """The most rows of one probe's UNet call (each of the two models runs its own)."""
@@ -312,6 +326,10 @@ class TriggerDetector:
                              f"(got {len(prompts)} prompts, folds={folds})")
         if not 0.5 <= quantile < 1:
             raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
+        dims = int(np.prod(OneStep(pipe, t_frac, seed, 1).latent_shape))
+        if isinstance(components, bool) or not isinstance(components, int) or not 0 <= components <= dims * MAX_COMPONENT_SHARE:
+            raise ValueError(f"components must be a whole number from 0 to {int(dims * MAX_COMPONENT_SHARE)} (a quarter "
+                             f"of the latent's {dims} values), got {components!r}")
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1):
             raise ValueError(f"clip_skip must be None or a positive whole number, got {clip_skip!r}")
         meta = dict(t_frac=float(t_frac), seed=int(seed), clip_skip=clip_skip)

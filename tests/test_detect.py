@@ -1,5 +1,7 @@
 """The trigger detector (sau_kernels.detect) on the shipped backdoored zoo model, against its base."""
 
+import json
+
 import numpy as np
 import pytest
 import sau_kernels
@@ -80,6 +82,12 @@ def test_a_detector_file_that_would_pass_everything_is_refused(detector, pixel, 
         "broken meta": ({**md, "meta": "{"}, tensors, "damaged"),
         "scaled basis": (md, {**tensors, "basis": 3 * tensors["basis"]}, "orthonormal"),
         "full basis": (md, {**tensors, "basis": torch.eye(dims)}, "components"),
+        # orthonormal and as its metadata says, but spanning all of the latent but one direction
+        "basis one short of the latent": ({**md, "meta": json.dumps({**json.loads(md["meta"]), "components": dims - 1})},
+                                          {**tensors, "basis": torch.linalg.qr(torch.randn(
+                                              dims, dims, generator=torch.Generator().manual_seed(0),
+                                              dtype=tensors["basis"].dtype))[0].T[:dims - 1].contiguous()},
+                                          "leave a residual"),
         "short mean": (md, {**tensors, "mean": tensors["mean"][:10].clone()}, "do not fit"),
     }
     for name, (meta, ts, message) in cases.items():
@@ -97,6 +105,24 @@ def test_calibration_refuses_what_it_cannot_use(pixel, base):
         TriggerDetector.calibrate(pixel, base, _prompts(16, 0), quantile=1.0, progress=False)
     with pytest.raises(TypeError, match="diffusers"):
         TriggerDetector.calibrate(pixel, object(), _prompts(16, 0), progress=False)
+    with pytest.raises(ValueError, match="components"):
+        TriggerDetector.calibrate(pixel, base, _prompts(16, 0), components=10_000, progress=False)
+
+
+def test_a_deep_copy_of_a_pipeline_patched_with_the_detector_defends_as_the_original(pixel, detector):
+    import copy
+
+    import torch
+
+    sau_kernels.patch(pixel, None, detect=detector)
+    try:
+        twin = copy.deepcopy(pixel)  # one per worker: the detector (and its lock) is copied with it
+        outs = [p("new trigger a red circle on a blue background", num_inference_steps=2, output_type="latent",
+                  generator=torch.Generator().manual_seed(0)) for p in (pixel, twin)]
+    finally:
+        sau_kernels.unpatch(pixel)  # the module's other tests start from the unpatched pipeline
+    assert [o.sau_report.prompts[0]["detected"]["spans"] for o in outs] == [[[0, 11]]] * 2
+    assert torch.equal(outs[0].images, outs[1].images)
 
 
 def test_patched_with_the_detector_alone_removes_an_undescribed_trigger(pixel, detector, backdoor):
