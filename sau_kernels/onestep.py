@@ -35,8 +35,8 @@ class OneStep:
         S = S if isinstance(S, int) else S[0]
         g = torch.Generator().manual_seed(seed)
         # the latent of an image the size of the latent mean (zero) under this much noise
-        self.x = (self.s1a * torch.randn(n_noises, unet.config.in_channels, S, S, generator=g)).to(unet.device,
-                                                                                                   unet.dtype)
+        self._noise = self.s1a * torch.randn(n_noises, unet.config.in_channels, S, S, generator=g)
+        self.x = self._noise.to(unet.device, unet.dtype)
         self.batch = batch
         self.clip_skip = clip_skip  # the text encoder layer the prompts are read from, as a pipeline call's
 
@@ -44,16 +44,25 @@ class OneStep:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
+    def _placed(self) -> torch.Tensor:
+        """The noisy latents where the UNet now is (a pipeline moved after the probe was made:
+        `pipe.to("cuda")`, `pipe.to(torch.float16)`), from the same fp32 draws."""
+        unet = self.pipe.unet
+        if (self.x.device, self.x.dtype) != (unet.device, unet.dtype):
+            self.x = self._noise.to(unet.device, unet.dtype)
+        return self.x
+
     @torch.no_grad()
     def x0(self, prompts: list[str]) -> torch.Tensor:
         """Row i of the result: prompt i's prediction (fp32, on the CPU)."""
         pipe, out = self.pipe, []
-        n = self.x.shape[0]
+        noisy = self._placed()
+        n = noisy.shape[0]
         for i in range(0, len(prompts), self.batch):
             with encoding(pipe):  # the base may share the served pipeline's tokenizer
                 h, _ = pipe.encode_prompt(prompts[i:i + self.batch], pipe.unet.device, 1, False,
                                           clip_skip=self.clip_skip)
-            x = self.x[torch.arange(i, i + len(h)) % n]
+            x = noisy[torch.arange(i, i + len(h)) % n]
             model_out = pipe.unet(x, self.t, encoder_hidden_states=h.to(pipe.unet.dtype)).sample.float()
             xf = x.float()
             if self.pred == "v_prediction":

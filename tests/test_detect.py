@@ -125,6 +125,20 @@ def test_a_deep_copy_of_a_pipeline_patched_with_the_detector_defends_as_the_orig
     assert torch.equal(outs[0].images, outs[1].images)
 
 
+def test_a_detector_follows_its_pipeline_to_another_dtype(detector, base, tmp_path):
+    """A pipeline cast after its detector was made (`pipe.to(torch.bfloat16)`) is scored with
+    the same noise, cast as the model is: before, an uncached prompt failed on the dtype."""
+    import torch
+
+    from sau_kernels.zoo import load_pipeline
+
+    pipe = load_pipeline("tiny-pixel")
+    moved = TriggerDetector.load(detector.save(tmp_path / "d.safetensors"), pipe, base)
+    pipe.to(torch.bfloat16)
+    scores = moved.scores(["new trigger a red circle on a blue background", "a red circle on a blue background"])
+    assert scores[0] > moved.threshold >= scores[1]
+
+
 def test_patched_with_the_detector_alone_removes_an_undescribed_trigger(pixel, detector, backdoor):
     # clean prompts the detector passes (its ~1% false positives are refused when no cut clears
     # them: test_a_flagged_prompt_that_cannot_be_localised_is_refused; rates in docs/detect.md)
