@@ -326,14 +326,14 @@ class TriggerDetector:
                              f"(got {len(prompts)} prompts, folds={folds})")
         if not 0.5 <= quantile < 1:
             raise ValueError(f"quantile must be in [0.5, 1), got {quantile}")
-        dims = int(np.prod(OneStep(pipe, t_frac, seed, 1).latent_shape))
-        if isinstance(components, bool) or not isinstance(components, int) or not 0 <= components <= dims * MAX_COMPONENT_SHARE:
-            raise ValueError(f"components must be a whole number from 0 to {int(dims * MAX_COMPONENT_SHARE)} (a quarter "
-                             f"of the latent's {dims} values), got {components!r}")
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1):
             raise ValueError(f"clip_skip must be None or a positive whole number, got {clip_skip!r}")
         meta = dict(t_frac=float(t_frac), seed=int(seed), clip_skip=clip_skip)
         probes = [OneStep(m, t_frac, seed, 1, batch=PROBE_BATCH, clip_skip=clip_skip) for m in (pipe, base)]
+        dims = int(np.prod(probes[0].latent_shape))
+        if isinstance(components, bool) or not isinstance(components, int) or not 0 <= components <= dims * MAX_COMPONENT_SHARE:
+            raise ValueError(f"components must be a whole number from 0 to {int(dims * MAX_COMPONENT_SHARE)} (a quarter "
+                             f"of the latent's {dims} values), got {components!r}")
         feats = _features(probes, prompts, progress, "detect: calibrate")
         order = np.random.default_rng(seed).permutation(len(prompts))
         held_out = []

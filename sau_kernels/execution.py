@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from .composite import composite_images
-from .hooks import DefenceCallback, FinalLatentsWatch, TwinConditioning, record_coverage, repair_pairs
-from .pipeline import follow_device
+from .hooks import (DefenceCallback, FinalLatentsWatch, TwinConditioning, follow_device, record_coverage,
+                    repair_pairs)
 from .report import set_last_report
 
 __all__ = ["execute"]
@@ -52,8 +52,8 @@ def execute(pipe, state, plan, report, original):
     report.rows = plan.batch_rows + (len(plan.pairs) if cfg.mode == "per_step_eps" else 0)
     if state.unchecked_why:
         report.output_check_skipped = state.unchecked_why
-    if plan.pairs or any(state.checks):
-        follow_device(pipe, state)
+    if plan.pairs:  # (an untriggered call's output check follows its latents' device when it scores them)
+        follow_device(state, pipe._execution_device)
     if not plan.pairs and not any(state.checks):
         out = original(pipe, **a)  # nothing to repair, nothing to check: the unpatched call itself
     elif not plan.pairs:

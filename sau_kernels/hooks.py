@@ -135,6 +135,26 @@ def _change_mask(z_p, z_c, plan, profiles, cfg) -> torch.Tensor:
     return w
 
 
+_PLACING = threading.Lock()
+
+
+def follow_device(state, device) -> None:
+    """Put the profiles and their output checks on `device`, where the call's latents are:
+    patch() placed them on the pipeline's device then, and `pipe.to("cuda")` or model
+    offload afterwards must not break the calls that need them (triggered ones, checked ones)."""
+    if not state.profiles:
+        return
+    device = torch.empty(0, device=device).device  # "cuda" and "cuda:0" are one device
+    if state.profiles[0].delta.device == device:
+        return
+    with _PLACING:
+        if state.profiles[0].delta.device != device:
+            profiles = [p.to(device) for p in state.profiles]
+            state.checks = [None if c is None else tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in c)
+                            for c in state.checks]
+            state.profiles = profiles
+
+
 def uncheckable_outputs(state, latents: torch.Tensor) -> str | None:
     """Why the output check cannot score latents of this shape (the signature holds for the
     profiles' latent shape only), or None."""
@@ -153,6 +173,7 @@ def score_outputs(state, report, latents: torch.Tensor, n_images: int) -> None:
         warnings.warn(f"sau_kernels: the output check did not run on this call ({why}): its outputs are "
                       "screened but unchecked; output_check='raise' refuses such calls", stacklevel=2)
         return
+    follow_device(state, latents.device)
     report.add_output_scores(_signature_scores(state, latents), n_images, state.checks, state.profiles)
 
 

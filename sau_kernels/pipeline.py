@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -216,26 +215,6 @@ def _output_check(profile):
         return None
     weights, clean_mean, norm = signature(profile)
     return (weights, clean_mean, norm, profile.output_check_threshold) if float(norm) > 0 else None
-
-
-_PLACING = threading.Lock()
-
-
-def follow_device(pipe, state) -> None:
-    """Put the profiles and their output checks where the pipeline now runs: patch() placed
-    them on its device then, and `pipe.to("cuda")` or model offload afterwards must not
-    break the calls that need them (triggered ones, checked ones)."""
-    if not state.profiles:
-        return
-    device = pipe._execution_device
-    if state.profiles[0].delta.device == device:
-        return
-    with _PLACING:
-        if state.profiles[0].delta.device != device:
-            profiles = [p.to(device) for p in state.profiles]
-            state.checks = [None if c is None else tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in c)
-                            for c in state.checks]
-            state.profiles = profiles
 
 
 def patch(pipe, profile: TriggerProfile | str | list | None = None, *, detect=None, mode: str = "final",
