@@ -102,10 +102,10 @@ def _schedule_of(cls, config: str, steps: int) -> tuple[float, ...]:
 
 def _expected_latent_shape(pipe, a: dict):
     """(C, H, W) of a call's latents where its arguments say it plainly, by the pipeline's own
-    rules: height and width (text-to-image, inpainting, SDXL), or the image's size floored to
-    the VAE's scale (image-to-image: a PIL image or a list of them, or a 4-D tensor, whose
-    rows are the latents when it has the latent channels). None otherwise, or for sizes the
-    pipeline itself rejects: a triggered call then checks its latents at the first step."""
+    rules: height and width (text-to-image, inpainting, SDXL), or the image's size as the
+    pipeline's image processor sizes it (image-to-image, `_image_latent_size`). None otherwise,
+    or for sizes the pipeline itself rejects: a triggered call then checks its latents at the
+    first step."""
     vsf, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
     latents = a.get("latents")
     if isinstance(latents, torch.Tensor) and latents.ndim == 4:  # the pipeline takes them as they are
@@ -114,25 +114,41 @@ def _expected_latent_shape(pipe, a: dict):
         default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
         h, w = a.get("height") or default * vsf, a.get("width") or default * vsf
     else:
-        import PIL.Image
-
-        image = a.get("image")
-        first = image[0] if isinstance(image, list) and image else image
-        processor = getattr(pipe, "image_processor", None)
-        if isinstance(first, torch.Tensor) and first.ndim == 4 and not isinstance(image, list):
-            if first.shape[1] == channels:  # latents, used as they are
-                return (channels, *first.shape[2:])
-        elif not isinstance(first, PIL.Image.Image):
-            return None
-        if processor is None or not processor.config.do_resize:
-            return None
-        h, w = processor.get_default_height_width(first)
+        size = _image_latent_size(getattr(pipe, "image_processor", None), a.get("image"), channels)
+        if size is None or size[0] == "latents":
+            return None if size is None else (channels, *size[1:])
+        h, w = size
     if not all(isinstance(v, numbers.Real) and float(v).is_integer() for v in (h, w)):
         return None  # (96.0 and NumPy integers size the latents as 96 does)
     h, w = int(h), int(w)
     if h % vsf or w % vsf:
         return None
     return (channels, h // vsf, w // vsf)
+
+
+def _image_latent_size(processor, image, channels: int):
+    """How diffusers' `VaeImageProcessor.preprocess` and the image-to-image pipeline size an
+    `image` input: ("latents", h, w) where its channels are the latent channels (used as
+    latents, unresized: a tensor, or a NumPy array after its resize), else the (h, w) in pixels
+    it is resized to (floored to the VAE's scale). PIL images and lists of them, NumPy arrays
+    H x W x C or B x H x W x C, tensors C x H x W or B x C x H x W, and lists of either. None
+    for anything else, or a processor configured otherwise (grayscale, no resize)."""
+    import numpy as np
+    import PIL.Image
+
+    if processor is None or processor.config.do_convert_grayscale or not processor.config.do_resize:
+        return None
+    first = image[0] if isinstance(image, list) and image else image
+    floor = processor.config.vae_scale_factor
+    if isinstance(first, PIL.Image.Image):
+        return processor.get_default_height_width(first)
+    if isinstance(first, np.ndarray) and first.ndim in (3, 4):  # (B x) H x W x C
+        h, w = (int(v) - int(v) % floor for v in first.shape[-3:-1])
+        return ("latents", h, w) if first.shape[-1] == channels else (h, w)
+    if isinstance(first, torch.Tensor) and first.ndim in (3, 4):  # (B x) C x H x W
+        h, w = first.shape[-2:]
+        return ("latents", h, w) if first.shape[-3] == channels else (h - h % floor, w - w % floor)
+    return None
 
 
 @torch.no_grad()

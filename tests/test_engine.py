@@ -427,6 +427,13 @@ IMAGE_INPUTS = {  # image-to-image inputs of the pipeline's every kind, and thei
     "list of PIL": lambda: [tensor_to_pil(image_batch(1, 72)[0])] * 2,
     "tensor": lambda: image_batch(1, 72) * 2 - 1,
     "latents": lambda: torch.randn(1, 4, 18, 18, generator=torch.Generator().manual_seed(0)),
+    "tensor C x H x W, odd size": lambda: image_batch(1, 70)[0, :, :, :54],
+    "list of tensors C x H x W": lambda: [image_batch(1, 72)[0]] * 2,
+    "latents C x H x W": lambda: torch.randn(4, 18, 14, generator=torch.Generator().manual_seed(0)),
+    "NumPy H x W x C, odd size": lambda: image_batch(1, 70)[0, :, :, :54].permute(1, 2, 0).numpy(),
+    "NumPy B x H x W x C": lambda: image_batch(2, 72).permute(0, 2, 3, 1).numpy(),
+    "list of NumPy H x W x C": lambda: [image_batch(1, 72)[0].permute(1, 2, 0).numpy()] * 2,
+    "NumPy with the latent channels": lambda: torch.rand(1, 70, 54, 4).numpy(),
 }
 
 
@@ -438,7 +445,7 @@ def test_an_image_of_another_size_is_refused_on_every_call_and_the_size_is_the_p
     from sau_kernels.request import _expected_latent_shape
 
     image = IMAGE_INPUTS[kind]()
-    rows = len(image) if isinstance(image, list) else 1
+    rows = len(image) if isinstance(image, list) else image.shape[0] if getattr(image, "ndim", 0) == 4 else 1
     pipe, sizes = zoo_pipe("img2img"), []
     call_unpatched(pipe, [OTHER] * rows, image=image, strength=1.0, num_inference_steps=2, output_type="latent",
                    callback_on_step_end=lambda p, i, t, kw: sizes.append(tuple(kw["latents"].shape[1:])) or {})
