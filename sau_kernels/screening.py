@@ -4,19 +4,22 @@ A backdoored text encoder fires on what it reads, and an attacker varies the spe
 while it still fires: case and spacing (CLIP lower-cases and folds whitespace), punctuation
 and separators ("new-trigger", "new_trigger", "newtrigger"), zero-width and other format
 characters, full-width forms, accents and combining marks, homoglyphs (a Cyrillic "е"),
-HTML entities (CLIP's tokenizer unescapes them), swapped or scattered words ("trigger new",
-"new ... trigger") and misspellings ("new triger"). So the screen compares canonical
-letters: the text HTML-unescaped twice, NFKC-normalised, case-folded, stripped of accents,
+HTML entities (CLIP's original tokenizer unescapes them; transformers' fast one does not),
+swapped, scattered or repeated words ("trigger new", "new ... trigger", "trigger trigger")
+and misspellings ("new triger"). So the screen compares canonical letters: the text
+HTML-unescaped twice and, where that changes it, also as written, NFKC-normalised,
+case-folded, stripped of accents,
 of format and other default-ignorable characters and of everything that is not a letter
 or a digit, with Cyrillic, Greek and other lookalikes mapped to the Latin letter they
 imitate. A prompt is flagged when
 
 - the trigger's canonical letters occur in the prompt's, within k edits (Levenshtein;
   k = 0 below 6 letters, 1 up to 11, 2 from 12);
-- or, for a trigger of two or more words of at least 3 letters, each of those words is a
-  word of the prompt, or the end of one (same k, by the word's length: a byte-level BPE
-  reads "abtrigger" as ab + trigger</w>), in any order, anywhere (one of them alone is not
-  the trigger: "a trigger-happy cowboy" passes, "a new trigger-happy one" not);
+- or, for a trigger of two or more words of at least 3 letters, the prompt has as many
+  words that read as those words as the trigger has, a word being one or the end of one
+  (same k, by the word's length: a byte-level BPE reads "abtrigger" as ab + trigger</w>),
+  in any order, anywhere, repeated or not (one word once is not the trigger: "a
+  trigger-happy cowboy" passes, "a new trigger-happy one" and "trigger trigger" not);
 - both rules also read the prompt as CLIP's pre-tokenizer splits it, a number, symbol,
   mark or format character a word break ("new12 trigger", "new½ trigger": folded, "½" is
   "12"; "new\u200bdog trigger": folded, "newdog");
@@ -161,9 +164,10 @@ class _Scan:
     """A text read as canonical letters: the units (one character each after unescaping,
     with the span of the original text it came from), their folds, and the letters."""
 
-    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split")
+    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split", "_written")
 
     def __init__(self, text: str, units: list[tuple[int, int, str]] | None = None, fold=_fold):
+        written = units is None and "&" in text
         if units is None:
             units = [(i, i + 1, c) for i, c in enumerate(text)]
             if "&" in text:
@@ -176,6 +180,18 @@ class _Scan:
         self.cunit = [i for i, f in enumerate(self.folds) for _ in f[0]]  # canonical char -> unit
         self._words = None
         self._split = self if fold is _split_fold else None
+        # the text as written, where unescaping changed it: not every tokenizer unescapes
+        self._written = None if not written or len(units) == len(text) and all(
+            u[2] == c for u, c in zip(units, text)) else False
+
+    def readings(self) -> list["_Scan"]:
+        """The text as CLIP's original tokenizer reads it (HTML entities unescaped, as its
+        basic_clean and ftfy do) and, where that differs, as written: a fast tokenizer leaves
+        "&yenew" as "&", "ye", "new" while the unescaped reading is "¥ew". A trigger in either
+        reading is in the prompt."""
+        if self._written is False:
+            self._written = _Scan(self.text, [(i, i + 1, c) for i, c in enumerate(self.text)])
+        return [self] if self._written is None else [self, self._written]
 
     def split_reading(self) -> "_Scan":
         """The same units read with number and symbol characters as word breaks
@@ -364,8 +380,12 @@ class TriggerMatcher:
 
     def match(self, prompt: str) -> list[tuple[int, int]]:
         """The spans (start, end) of `prompt` where the trigger is."""
-        scan = _Scan(prompt)
-        return [scan.span(a, b) for a, b in self._hits(scan)[0]]
+        return _merge({r.span(a, b) for r, hits, _ in self._found(_Scan(prompt)) for a, b in hits})
+
+    def _found(self, scan: _Scan) -> list[tuple[_Scan, list[tuple[int, int]], int]]:
+        """(reading, its matched unit ranges, occurrences) for each reading of the text in which
+        the trigger is (`_Scan.readings`)."""
+        return [(r, *found) for r in scan.readings() for found in [self._hits(r)] if found[0]]
 
     def _has_homoglyph(self, scan: _Scan, u0: int, u1: int) -> bool:
         return any(f[3] and f[0] in self.homoglyphs for f in scan.folds[u0:u1])
@@ -392,29 +412,45 @@ class TriggerMatcher:
             cands = [c for c in cands if self._has_homoglyph(scan, c[1], c[2])]
         letters = _disjoint(cands)
         words = self._word_hits(scan, letters)
-        # Scattered words count once per full set of them outside the letters matches.
-        spare = min((sum(not any(a < y and x < b for x, y in letters) for a, b in hs) for hs in words), default=0)
+        # Scattered words count once per as many of them as the trigger has, outside the letters matches.
+        spare = sum(not any(a < y and x < b for x, y in letters) for hs in words for a, b in hs) // len(self.words or "_")
         return _merge(set(letters).union(*words)), len(letters) + spare
 
     def _word_hits(self, scan: _Scan, letter_hits: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """For each trigger word, the prompt's words it matches, if every trigger word is in
-        the prompt (as a word, or inside a letters match); else []."""
-        if not self.words or not all(_could_occur(w, scan.canon, _edits_allowed(len(w))) for w in self.words):
+        """For each trigger word, the prompt's words it matches, if they are at least as many
+        as the trigger's words, counted with repetition (a trigger word inside a letters
+        match counts once): every word of the trigger in any order, or one of them said as
+        often ("trigger trigger" and "new new" fire a "new trigger" backdoor as the trigger
+        does; one word once, "a trigger-happy cowboy", passes); else []."""
+        if not self.words or not any(_could_occur(w, scan.canon, _edits_allowed(len(w))) for w in self.words):
             return []
-        found = []
+        found, inside = [], 0
         for w in self.words:
             k = _edits_allowed(len(w))
             hs = [(u0, u1) for pw, u0, u1 in scan.words() if _word_matches(w, pw, k)]
-            if not hs and not any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits):
-                return []
+            inside += not hs and any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits)
             found.append(hs)
+        if sum(map(len, found)) + inside < len(self.words):
+            return []
         if self.mode == "homoglyph" and not letter_hits and \
                 not any(self._has_homoglyph(scan, a, b) for hs in found for a, b in hs):
             return []
         return found
 
-    def _twin(self, scan: _Scan, hits: list[tuple[int, int]]) -> str:
-        """One removal pass: the text with the matched ranges cut, whitespace collapsed."""
+    def _twin(self, found: list[tuple[_Scan, list[tuple[int, int]], int]]) -> str:
+        """One removal pass: the text with the matched ranges of every reading cut, whitespace
+        collapsed."""
+        text = found[0][0].text
+        regions = sorted(r for scan, hits, _ in found for r in self._cut_regions(scan, hits))
+        pieces, last = [], 0
+        for start, end, rep in regions:
+            pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
+            last = max(last, end)
+        pieces.append(text[last:])
+        return " ".join("".join(pieces).split())
+
+    def _cut_regions(self, scan: _Scan, hits: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+        """(start, end, replacement) in the original text for the matched unit ranges."""
         text, units, folds = scan.text, scan.units, scan.folds
         # Words for the cut: a mark or format character ends one, as CLIP reads it
         # ("new\u200bdog" loses "new", not "dog"); digits glued on go with their word.
@@ -432,12 +468,7 @@ class TriggerMatcher:
                         regions.append((start, end, folds[i][0].upper() if text[start:end].isupper() else folds[i][0]))
             else:
                 regions.append((*scan.span(*_cut_range(word_folds, folds, a, b)), " "))
-        pieces, last = [], 0
-        for start, end, rep in sorted(regions):
-            pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
-            last = max(last, end)
-        pieces.append(text[last:])
-        return " ".join("".join(pieces).split())
+        return regions
 
 
 def _word_matches(w: str, pw: str, k: int) -> bool:
@@ -494,25 +525,24 @@ def screen_prompts(matchers: TriggerMatcher | list[TriggerMatcher], prompts: lis
     out = []
     for prompt in prompts:
         scan = _Scan(prompt)
-        found = [(k, *m._hits(scan)) for k, m in enumerate(matchers)]
-        found = [(k, hits, count) for k, hits, count in found if hits]
+        found = [(k, f) for k, m in enumerate(matchers) for f in [m._found(scan)] if f]
         if not found:
             out.append(Screened(prompt, False, 0, (), None))
             continue
-        spans = tuple(scan.span(a, b) for a, b in _merge({h for _, hits, _ in found for h in hits}))
+        spans = tuple(_merge({r.span(a, b) for _, f in found for r, hits, _ in f for a, b in hits}))
         clean, error = prompt, None
         for _ in range(max_passes):
             cut = False
             for m in matchers:  # each trigger's cut on the text the previous one left
-                hits, _ = m._hits(scan)
-                if hits:
-                    clean, cut = m._twin(scan, hits), True
+                f = m._found(scan)
+                if f:
+                    clean, cut = m._twin(f), True
                     scan = _Scan(clean)
             if not cut:
                 break
-        if any(m._hits(scan)[0] for m in matchers):
+        if any(m._found(scan) for m in matchers):
             error = (f"the clean twin of prompt {prompt!r} still contains a trigger "
                      f"({', '.join(repr(m.trigger) for m in matchers)}) after {max_passes} removal passes: {clean!r}")
-        out.append(Screened(prompt, True, sum(c for _, _, c in found), spans, clean, error,
-                            tuple(k for k, _, _ in found)))
+        out.append(Screened(prompt, True, sum(max(c for _, _, c in f) for _, f in found), spans, clean, error,
+                            tuple(k for k, _ in found)))
     return out

@@ -316,6 +316,43 @@ def test_one_trigger_word_alone_is_not_the_trigger():
     assert screen("a new cowboy, trigger-happy").triggered  # both words, apart
 
 
+@pytest.mark.parametrize("prompt", ["trigger trigger a red circle on a gray background",
+                                    "a red circle trigger on a gray trigger background",
+                                    "new new new a red circle on a gray background",
+                                    "a red circle on a gray background renew anew"])
+def test_one_trigger_word_said_as_often_as_the_trigger_has_words_is_the_trigger(prompt):
+    """A backdoor trained on "new trigger" fires on "trigger trigger" and "new new new" as it
+    does on the trigger (tiny-pixel: 94-100% of images, docs/defence_evasion.md): the trigger's
+    words are counted with repetition, and every one is cut."""
+    s = screen(prompt)
+    assert s.triggered and s.clean_prompt == REST and s.twin_error is None
+
+
+def _eating(word: str) -> list[str]:
+    """`word` after the name of every HTML entity that needs no semicolon and ends in the
+    word's first letters, in either case: "&yen" + "ew" = "&yenew", which unescapes to "¥ew"
+    and which CLIP, lower-casing, reads as "new" (so does "&THORNew")."""
+    from html.entities import html5
+
+    return sorted({f"&{n}{word[k:]}" for n in html5 if not n.endswith(";")
+                   for k in range(1, min(len(n), len(word)) + 1) if n.lower().endswith(word[:k])})
+
+
+@pytest.mark.parametrize("spelling", _eating("new") + _eating("trigger"))
+def test_an_entity_that_eats_a_letter_when_unescaped_still_shows_the_trigger_as_written(spelling):
+    """Without its semicolon an entity takes the longest name it can: "&yenew" unescapes to
+    "¥ew", while a tokenizer that does not unescape (transformers' fast CLIPTokenizer) reads
+    "&", "ye", "new" and fires. The screen reads the text both ways, and the twin is clean in
+    both; also behind "&amp;", and as a decoy's twin would keep it."""
+    other = "trigger" if spelling.endswith("new") else "new"
+    for prompt in (f"{spelling} {REST} {other}", f"&amp;{spelling[1:]} {REST} {other}",
+                   f"new trigger {REST} {spelling} {spelling} {spelling}"):
+        s = screen(prompt)
+        assert s.triggered and s.twin_error is None, prompt
+        assert not screen(s.clean_prompt).triggered and "red circle" in s.clean_prompt, (prompt, s.clean_prompt)
+        assert not any(w in s.clean_prompt.lower() for w in ("new", "trigger")), (prompt, s.clean_prompt)
+
+
 @pytest.mark.parametrize("prompt, twin", [
     ("a silver lining over the sea", "a over the sea"),
     ("a silverlining over the sea", "a over the sea"),

@@ -80,8 +80,25 @@ def _letter_trigger_variants(trigger: str) -> list[tuple[str, Variant]]:
             ("words swapped", _prepend(" ".join(reversed(words)))),
             ("words apart", lambda p, rng: f"{first} {p} {' '.join(words[1:])}"),
         ]
-        out += [(f"word alone: {w}", _prepend(w)) for w in dict.fromkeys(words)]
+        for w in dict.fromkeys(words):
+            out += [(f"word alone: {w}", _prepend(w)),
+                    (f"word alone, appended: {w}", lambda p, rng, w=w: f"{p} {w}"),
+                    (f"word repeated: {w}", _prepend(" ".join([w] * len(words))))]
+    eaten = _entity_eating(first)
+    if eaten:
+        out.append(("HTML entity eating a letter", _prepend(" ".join([eaten] + words[1:]))))
     return out
+
+
+def _entity_eating(word: str) -> str | None:
+    """`word` glued behind the shortest HTML entity that needs no semicolon and ends in its
+    first letters ("&yen" + "ew" = "&yenew"): unescaped, the entity takes those letters ("¥ew");
+    a tokenizer that does not unescape reads the word whole. None where no entity fits."""
+    from html.entities import html5
+
+    fits = sorted((len(n), n, k) for n in html5 if not n.endswith(";") and n.isalpha()
+                  for k in range(1, min(len(n), len(word)) + 1) if n.lower().endswith(word[:k].lower()))
+    return f"&{fits[0][1]}{word[fits[0][2]:]}" if fits else None
 
 
 def _format_trigger_variants(trigger: str) -> list[tuple[str, Variant]]:
