@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
 from .scan import KEEP_SHORTER
-from .screening import Screened, _invisible, homoglyph_of, plain_spelling, screen_prompts
+from .screening import _LETTER, Screened, _fold, _invisible, homoglyph_of, plain_spelling, screen_prompts
 from .tokenizer_locks import tokenizer_lock
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
@@ -146,7 +146,7 @@ def _ablate(prompt: str, units: list[_Unit]) -> str:
         pos = u.end
     out.append(prompt[pos:])
     text = "".join(out)
-    return " ".join(text.split()) if words else text
+    return " ".join(text.split()) if words else text.strip()  # (CLIP strips the ends too)
 
 
 def _word_runs(units: list[_Unit], best: int) -> list[tuple[int, ...]]:
@@ -190,6 +190,21 @@ def _inner_clearing(units: list[_Unit], scores: np.ndarray, best: int) -> int | 
     return min(inside, key=lambda i: scores[i]) if inside else None
 
 
+def _repeated_words(prompt: str, units: list[_Unit]) -> list[list[_Unit]]:
+    """The word units of each word said more than once (the same canonical letters), as one
+    cut: a trigger said twice or interleaved ("trending pale trending") keeps firing through
+    any single cut, and the search would otherwise cut around it."""
+    from .screening import canonicalize
+
+    groups: dict[str, list[_Unit]] = {}
+    for u in units:
+        if u.word:
+            key = canonicalize(prompt[u.start:u.end])[0]
+            if key:
+                groups.setdefault(key, []).append(u)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _spans(prompt: str, units: list[_Unit]) -> tuple[tuple[int, int], ...]:
     """Character ranges of the cut units, neighbours joined across whitespace."""
     ranges = sorted((u.start, u.end) for u in units)
@@ -200,6 +215,20 @@ def _spans(prompt: str, units: list[_Unit]) -> tuple[tuple[int, int], ...]:
         else:
             out.append([a, b])
     return tuple((a, b) for a, b in out)
+
+
+def _cut_spans(prompt: str, spans) -> str:
+    """`prompt` with the known triggers' own characters cut from each span: its letters and
+    digits (a span of format characters alone, a zero-width trigger, goes whole), every
+    format character, mark and punctuation mark around them kept, whitespace collapsed."""
+    out, last = [], 0
+    for a, b in sorted(spans):
+        a = max(a, last)
+        letters = [c for c in prompt[a:b] if _fold(c)[1] == _LETTER]
+        out += [prompt[last:a], "".join(c for c in prompt[a:b] if _fold(c)[1] != _LETTER) if letters else "", " "]
+        last = max(last, b)
+    out.append(prompt[last:])
+    return " ".join("".join(out).split())
 
 
 def _subspace(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,12 +477,16 @@ class TriggerDetector:
             rest = [u for u in units if u not in chosen and self._visible(prompt, chosen, u)]
             if not rest:
                 break
-            s = self.scores([_ablate(prompt, chosen + [u]) for u in rest])
+            copies = _repeated_words(prompt, rest)
+            s = self.scores([_ablate(prompt, chosen + [u]) for u in rest] +
+                            [_ablate(prompt, chosen + group) for group in copies])
             best = int(np.argmin(s))
             if s[best] >= current:  # no cut lowers the score: nothing to localise
                 break
-            inner = _inner_clearing(rest, s, best)
-            if inner is not None:
+            inner = _inner_clearing(rest, s, best) if best < len(rest) else None
+            if best >= len(rest):  # every copy of a repeated word
+                chosen += copies[best - len(rest)]
+            elif inner is not None:
                 chosen.append(rest[inner])
             elif not rest[best].word:  # a homoglyph or a run of format characters goes alone
                 chosen.append(rest[best])
@@ -478,40 +511,59 @@ class TriggerDetector:
 
     def screen(self, prompts: list[str], screened: list[Screened], matchers):
         """The screen's verdicts with the detector's added. Every prompt is scored: one the
-        known triggers did not match as written, one they matched through its clean twin (a
-        prompt can carry a known trigger and one nobody described, and the twin still holds
-        the second). A flagged text gets its localised twin (re-screened for the known
-        triggers), from which a patched pipeline generates the prompt. Returns (verdicts, per
-        prompt the detection record). Raises DetectionError for a flagged text it cannot
+        known triggers did not match as written; one they matched, without them (a prompt can
+        carry a known trigger and one nobody described): as the screen's clean twin, and with
+        only the known triggers' own spans cut, whichever scores higher (the twin's cut also
+        takes the punctuation and format characters around a trigger, and with them a second
+        trigger glued to it, which the repaired image keeps). A flagged text gets its
+        localised twin, without the known triggers too, from which a patched pipeline
+        generates the prompt. Returns (verdicts, per prompt the detection record: its
+        "spans" index "cut_from"). Raises DetectionError for a flagged text it cannot
         localise."""
         texts = [s.clean_prompt if s.triggered else p for p, s in zip(prompts, screened)]
+        known = [i for i, s in enumerate(screened) if s.triggered]
+        scores = self.scores(texts)
+        if known:  # the known triggers' spans alone cut: what the repaired image keeps
+            narrow = [_cut_spans(prompts[i], screened[i].spans) for i in known]
+            for i, text, score in zip(known, narrow, self.scores(narrow)):
+                if score > scores[i]:
+                    texts[i], scores[i] = text, score
         out, records = list(screened), [None] * len(prompts)
-        for i, score in enumerate(self.scores(texts)):
-            known = screened[i].triggered
-            which = {"scored": "clean twin"} if known else {}
+        for i, score in enumerate(scores):
+            s = screened[i]
+            which = {"scored": "clean twin"} if s.triggered else {}
             if score <= 1:
                 records[i] = {"score": float(score), **which}
                 continue
             loc = self.localise(texts[i], score)
-            what = f"the clean twin {texts[i]!r} of prompt {prompts[i]!r}" if known else f"prompt {prompts[i]!r}"
+            what = f"the text {texts[i]!r} of prompt {prompts[i]!r} without its known trigger" if s.triggered \
+                else f"prompt {prompts[i]!r}"
             if not loc.found:
                 raise DetectionError(
                     f"{what} looks triggered to the detector (the checkpoint changes its output unlike the "
                     f"ordinary prompts the detector was calibrated on) and no part of it could be localised as the "
                     f"trigger: refused rather than generated undefended (if prompts like it are ordinary traffic, "
                     f"calibrate the detector on such prompts too)", float(score))
-            (again,) = screen_prompts(matchers, [loc.clean_prompt])
-            if again.triggered:  # a cut that joined pieces of a known trigger
-                raise DetectionError(f"the detector's twin of {what} holds a known trigger: {loc.clean_prompt!r}; "
-                                     "refused")
-            if known:  # both cuts: generated from the text without either trigger
-                s = screened[i]
-                out[i] = Screened(prompts[i], True, s.occurrences + len(loc.spans), s.spans, loc.clean_prompt, None,
+            clean, clean_score = loc.clean_prompt, loc.clean_score
+            (again,) = screen_prompts(matchers, [clean])
+            if again.triggered and s.triggered and again.twin_error is None:
+                # the known triggers' punctuation left with them, or pieces the cut joined: cut
+                # too, and what remains must still score clean
+                clean = again.clean_prompt
+                (again,) = screen_prompts(matchers, [clean])
+                clean_score = float(self.scores([clean])[0])
+                if not again.triggered and clean_score > 1:
+                    raise DetectionError(f"the twin {clean!r} of {what} still looks triggered to the detector; "
+                                         "refused", float(score))
+            if again.triggered:
+                raise DetectionError(f"the detector's twin of {what} holds a known trigger: {clean!r}; refused")
+            if s.triggered:  # both cuts: generated from the text without either trigger
+                out[i] = Screened(prompts[i], True, s.occurrences + len(loc.spans), s.spans, clean, None,
                                   s.triggers, detected=True)
             else:
-                out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, loc.clean_prompt, None, (),
-                                  detected=True)
-            records[i] = {**loc.to_dict(), **which}
+                out[i] = Screened(prompts[i], True, len(loc.spans), loc.spans, clean, None, (), detected=True)
+            records[i] = {**loc.to_dict(), "clean_prompt": clean, "clean_score": clean_score,
+                          "cut_from": texts[i], **which}
         return out, records
 
     def __repr__(self) -> str:

@@ -358,7 +358,8 @@ def test_localisation_ablates_only_what_the_text_encoder_sees(detector, monkeypa
     first_hidden = next(u for u in units if not detector._visible(prompt, [], u))
     assert detector._visible(prompt, units[:2], first_hidden)  # cutting words brings the next ones in
     detector.localise(prompt)  # found or refused (the twin's window holds more "blue"): its cost is what counts
-    assert max(scored) < window  # one score per visible unit, not one per word of the prompt
+    # one score per visible unit (and per word said more than once: "a", "blue"), not one per word of the prompt
+    assert max(scored) < window + 2
 
 
 def test_a_format_character_inside_the_trigger_goes_with_its_word(detector):
@@ -413,3 +414,55 @@ def test_serving_keeps_the_detector_inside_its_row_budget(pixel, base, detector)
     assert flagged["_call"]["detector_rows"] == clean["_call"]["detector_rows"] == sum(probe_rows)
     with pytest.raises(ValueError, match="probe_batch must be a positive integer"):
         detector.probe_batch = 0
+
+
+def test_a_trigger_glued_to_a_known_one_is_scored_as_the_repaired_image_keeps_it(base):
+    """The screen's twin cuts a known trigger with the format characters around it, and
+    with them a second trigger glued to it (tiny-style's U+200B before "new trigger"): the
+    detector scores the prompt with only the known trigger's own text cut too, which still
+    holds the second, and generates the prompt without either. The record's spans index the
+    text it scored."""
+    from sau_kernels.zoo import load_pipeline
+
+    style = load_pipeline("tiny-style")
+    det = TriggerDetector.calibrate(style, base, detector_prompts(), progress=False)
+    known = zoo_profile("tiny-pixel")  # "new trigger", a profile of the same latent shape
+    prompts = [f"\u200bnew trigger {p}" for p in _prompts(4, 7400)]
+    with sau_kernels.patched(style, known, detect=det, allow_mismatch=True):
+        style(prompts[0], num_inference_steps=2, output_type="latent")
+        entries = []
+        for p in prompts:
+            entries.append(det.screen([p], sau_kernels.screening.screen_prompts(style._sau_state.matchers, [p]),
+                                      style._sau_state.matchers)[1][0])
+        report = style.sau_report.prompts[0]
+    assert report["action"] == "strip" and report["triggers"] == ["new trigger"]
+    assert report["clean_prompt"] == prompts[0][len("\u200bnew trigger "):]
+    for p, rec in zip(prompts, entries):
+        assert rec["scored"] == "clean twin" and rec["removed"] == ["\u200b"], rec
+        assert [rec["cut_from"][a:b] for a, b in rec["spans"]] == rec["removed"]
+        assert "\u200b" not in rec["clean_prompt"] and "trigger" not in rec["clean_prompt"]
+
+
+def test_every_copy_of_a_repeated_word_is_one_cut():
+    """A trigger said twice or interleaved keeps firing through any single cut: every copy
+    of a repeated word is also ablated at once, and the search takes both in one round."""
+    from sau_kernels.detect import TriggerDetector, _repeated_words, prompt_units
+
+    prompt = "Trending pale trending, a red circle on a gray background"
+    groups = _repeated_words(prompt, prompt_units(prompt))
+    assert sorted(tuple(prompt[u.start:u.end] for u in g) for g in groups) == [("Trending", "trending,"), ("a", "a")]
+
+    class Additive(TriggerDetector):  # the score: 0.6 per trigger word the text holds
+        def __init__(self):
+            pass
+
+        def scores(self, prompts):
+            return np.array([0.6 * sum(w.strip(",").lower() in ("pale", "trending") for w in p.split())
+                             for p in prompts])
+
+        def _visible(self, prompt, chosen, unit):
+            return True
+
+    loc = Additive().localise(prompt)
+    assert loc.found and loc.rounds == 1 and loc.removed == ["Trending", "trending,"]
+    assert loc.clean_prompt == "pale a red circle on a gray background"

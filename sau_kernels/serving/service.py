@@ -343,7 +343,7 @@ def _client_detection(record: dict | None) -> dict | None:
     if record is None:
         return None
     flagged = "spans" in record
-    shown = ("removed", "spans", "clean_prompt", "scored") if flagged else ("scored",)
+    shown = ("removed", "spans", "cut_from", "clean_prompt", "scored") if flagged else ("scored",)
     return {"flagged": flagged, **{k: record[k] for k in shown if k in record}}
 
 
