@@ -7,7 +7,8 @@ characters, full-width forms, accents and combining marks, homoglyphs (a Cyrilli
 HTML entities (CLIP's original tokenizer unescapes them; transformers' fast one does not),
 swapped, scattered or repeated words ("trigger new", "new ... trigger", "trigger trigger")
 and misspellings ("new triger"). So the screen compares canonical letters: the text
-HTML-unescaped twice and, where that changes it, also as written, NFKC-normalised,
+HTML-unescaped twice and, where they differ, also as written and as ftfy repairs it (where
+ftfy is installed), NFKC-normalised,
 case-folded, stripped of accents,
 of format and other default-ignorable characters and of everything that is not a letter
 or a digit, with Cyrillic, Greek and other lookalikes mapped to the Latin letter they
@@ -144,6 +145,40 @@ def _unescape(units: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out + units[last:]
 
 
+@lru_cache(maxsize=1)
+def _ftfy_fix():
+    """ftfy.fix_text where ftfy is installed (a slow CLIPTokenizer reads prompts through it), else None."""
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return getattr(ftfy, "fix_text", None)  # (None: something else named ftfy)
+
+
+def _ftfy_reading(text: str) -> str | None:
+    """The text as ftfy fixes it, where ftfy is installed and changes it (ASCII text it
+    leaves alone but for HTML entities, which the unescaped reading has)."""
+    fix = _ftfy_fix()
+    if fix is None or (text.isascii() and "&" not in text):
+        return None
+    fixed = fix(text)
+    return None if fixed == text else fixed
+
+
+def _aligned_units(text: str, read: str) -> list[tuple[int, int, str]]:
+    """(start, end, char) units of `read`, a rewriting of `text`, aligned to it: an unchanged
+    character keeps its own span, a rewritten one takes the span of what it replaced."""
+    import difflib
+
+    units = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, text, read, autojunk=False).get_opcodes():
+        if op == "equal":
+            units += [(i1 + k, i1 + k + 1, read[j1 + k]) for k in range(i2 - i1)]
+        elif op != "delete":
+            units += [(i1, max(i2, i1), c) for c in read[j1:j2]]
+    return units
+
+
 @lru_cache(maxsize=1 << 16)
 def _breaks_clip_word(ch: str) -> bool:
     """Whether CLIP's pre-tokenizer (letter runs, single numbers, runs of anything else)
@@ -164,10 +199,11 @@ class _Scan:
     """A text read as canonical letters: the units (one character each after unescaping,
     with the span of the original text it came from), their folds, and the letters."""
 
-    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split", "_written")
+    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split", "_written", "_readings")
 
     def __init__(self, text: str, units: list[tuple[int, int, str]] | None = None, fold=_fold):
-        written = units is None and "&" in text
+        own_units = units is None
+        written = own_units and "&" in text
         if units is None:
             units = [(i, i + 1, c) for i, c in enumerate(text)]
             if "&" in text:
@@ -183,15 +219,27 @@ class _Scan:
         # the text as written, where unescaping changed it: not every tokenizer unescapes
         self._written = None if not written or len(units) == len(text) and all(
             u[2] == c for u, c in zip(units, text)) else False
+        self._readings = None if own_units else [self]  # a reading built from units is one reading
 
     def readings(self) -> list["_Scan"]:
         """The text as CLIP's original tokenizer reads it (HTML entities unescaped, as its
-        basic_clean and ftfy do) and, where that differs, as written: a fast tokenizer leaves
-        "&yenew" as "&", "ye", "new" while the unescaped reading is "¥ew". A trigger in either
-        reading is in the prompt."""
-        if self._written is False:
-            self._written = _Scan(self.text, [(i, i + 1, c) for i, c in enumerate(self.text)])
-        return [self] if self._written is None else [self, self._written]
+        basic_clean does) and, where they differ, as written (a fast tokenizer leaves "&yenew"
+        as "&", "ye", "new" while the unescaped reading is "¥ew") and as ftfy fixes it, where
+        ftfy is installed (a slow CLIPTokenizer reads through `ftfy.fix_text`, which also
+        repairs mojibake: "nÐµw" is "nеw" to it). A trigger in any reading is in the prompt."""
+        if self._readings is None:
+            self._readings = [self]
+            if self._written is not None:
+                self._readings.append(_Scan(self.text, [(i, i + 1, c) for i, c in enumerate(self.text)]))
+            fixed = _ftfy_reading(self.text)
+            if fixed is not None and all(fixed != r.text_read for r in self._readings):
+                self._readings.append(_Scan(self.text, _aligned_units(self.text, fixed)))
+        return self._readings
+
+    @property
+    def text_read(self) -> str:
+        """The text as this reading has it."""
+        return "".join(u[2] for u in self.units)
 
     def split_reading(self) -> "_Scan":
         """The same units read with number and symbol characters as word breaks

@@ -419,3 +419,33 @@ def test_entities_of_nothing_beside_numbers_neither_crash_the_screen_nor_hide_th
         assert not screen_prompts(m, [clean])[0].triggered
     for hidden in ("new trig&#1;ger 4k", "new&#1;trigger 2", "ne&#x7f;w trigger ½"):
         assert screen_prompts(m, [hidden])[0].triggered, hidden
+
+
+def _mojibake(text: str) -> str:
+    """What a UTF-8 text looks like read as cp1252: the spelling ftfy repairs."""
+    return text.encode("utf-8").decode("cp1252", errors="replace")
+
+
+@pytest.mark.parametrize("spelling", ["n\u0435w trigger", "n\u00e9w trigger", "new tr\u0456gger", "\u043dew trigger"])
+def test_mojibake_that_ftfy_repairs_into_the_trigger_is_the_trigger_where_ftfy_is_installed(spelling, monkeypatch):
+    """A slow CLIPTokenizer reads prompts through ftfy.fix_text where ftfy is installed, and
+    ftfy repairs mojibake: "nÐµw" reaches the model as "nеw" (a Cyrillic е). The screen
+    reads the text as ftfy fixes it too, aligned to the original for the twin."""
+    import sau_kernels.screening as screening
+
+    prompt = f"{_mojibake(spelling)} {REST}"
+    assert prompt.isascii() is False and _mojibake(spelling) != spelling
+    monkeypatch.setattr(screening, "_ftfy_fix", lambda: None)
+    if spelling == "n\u0435w trigger":  # (the others' letters are near enough to be flagged anyway)
+        assert not screen(prompt).triggered
+    monkeypatch.setattr(screening, "_ftfy_fix", lambda: lambda t: t.replace(_mojibake(spelling), spelling))
+    s = screen(prompt)
+    assert s.triggered and s.clean_prompt == REST and s.twin_error is None
+
+
+def test_the_real_ftfy_reading():
+    ftfy = pytest.importorskip("ftfy")
+    spelling = _mojibake("n\u0435w")
+    assert ftfy.fix_text(spelling) == "n\u0435w"
+    s = screen(f"{spelling} trigger {REST}")
+    assert s.triggered and s.clean_prompt == REST
