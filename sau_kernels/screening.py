@@ -155,28 +155,24 @@ def _ftfy_fix():
     return getattr(ftfy, "fix_text", None)  # (None: something else named ftfy)
 
 
-def _ftfy_reading(text: str) -> str | None:
-    """The text as ftfy fixes it, where ftfy is installed and changes it (ASCII text it
-    leaves alone but for HTML entities, which the unescaped reading has)."""
+def _ftfy_units(text: str) -> list[tuple[int, int, str]] | None:
+    """The text as ftfy fixes it, as (start, end, char) units of the original, where ftfy is
+    installed and changes it; else None. Fixed piece by piece between spaces (mojibake and
+    entities lie inside one): a changed piece's characters all take its span, so the cost
+    stays linear in the prompt (an alignment of the whole took 40 s on 2000 characters)."""
     fix = _ftfy_fix()
     if fix is None or (text.isascii() and "&" not in text):
         return None
-    fixed = fix(text)
-    return None if fixed == text else fixed
-
-
-def _aligned_units(text: str, read: str) -> list[tuple[int, int, str]]:
-    """(start, end, char) units of `read`, a rewriting of `text`, aligned to it: an unchanged
-    character keeps its own span, a rewritten one takes the span of what it replaced."""
-    import difflib
-
-    units = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, text, read, autojunk=False).get_opcodes():
-        if op == "equal":
-            units += [(i1 + k, i1 + k + 1, read[j1 + k]) for k in range(i2 - i1)]
-        elif op != "delete":
-            units += [(i1, max(i2, i1), c) for c in read[j1:j2]]
-    return units
+    units, changed = [], False
+    for m in re.finditer(r"[^ ]+| +", text):
+        piece, (a, b) = m.group(), m.span()
+        fixed = fix(piece) if not piece.startswith(" ") and not (piece.isascii() and "&" not in piece) else piece
+        if fixed == piece:
+            units += [(a + k, a + k + 1, c) for k, c in enumerate(piece)]
+        else:
+            changed = True
+            units += [(a, b, c) for c in fixed] or [(a, b, "")]
+    return units if changed else None
 
 
 @lru_cache(maxsize=1 << 16)
@@ -231,15 +227,10 @@ class _Scan:
             self._readings = [self]
             if self._written is not None:
                 self._readings.append(_Scan(self.text, [(i, i + 1, c) for i, c in enumerate(self.text)]))
-            fixed = _ftfy_reading(self.text)
-            if fixed is not None and all(fixed != r.text_read for r in self._readings):
-                self._readings.append(_Scan(self.text, _aligned_units(self.text, fixed)))
+            fixed = _ftfy_units(self.text)
+            if fixed is not None and all([u[2] for u in fixed] != [u[2] for u in r.units] for r in self._readings):
+                self._readings.append(_Scan(self.text, fixed))
         return self._readings
-
-    @property
-    def text_read(self) -> str:
-        """The text as this reading has it."""
-        return "".join(u[2] for u in self.units)
 
     def split_reading(self) -> "_Scan":
         """The same units read with number and symbol characters as word breaks
@@ -462,23 +453,27 @@ class TriggerMatcher:
         words = self._word_hits(scan, letters)
         # Scattered words count once per as many of them as the trigger has, outside the letters matches.
         spare = sum(not any(a < y and x < b for x, y in letters) for hs in words for a, b in hs) // len(self.words or "_")
-        return _merge(set(letters).union(*words)), len(letters) + spare
+        hits = _merge(set(letters).union(*words))
+        return hits, max(len(letters) + spare, 1 if hits else 0)  # (a word that fires alone: once)
 
     def _word_hits(self, scan: _Scan, letter_hits: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """For each trigger word, the prompt's words it matches, if they are at least as many
-        as the trigger's words, counted with repetition (a trigger word inside a letters
-        match counts once): every word of the trigger in any order, or one of them said as
-        often ("trigger trigger" and "new new" fire a "new trigger" backdoor as the trigger
-        does; one word once, "a trigger-happy cowboy", passes); else []."""
+        """For each trigger word, the prompt's words it matches, if every word of the trigger
+        is there in any order (as a word, or inside a letters match), or its words, read
+        exactly, are as many as the trigger has, counted with repetition ("trigger trigger"
+        and "new new" fire a "new trigger" backdoor as the trigger does; one word once, "a
+        trigger-happy cowboy", passes); else []."""
         if not self.words or not any(_could_occur(w, scan.canon, _edits_allowed(len(w))) for w in self.words):
             return []
-        found, inside = [], 0
+        found, every, exact = [], True, 0
         for w in self.words:
             k = _edits_allowed(len(w))
-            hs = [(u0, u1) for pw, u0, u1 in scan.words() if _word_matches(w, pw, k)]
-            inside += not hs and any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits)
-            found.append(hs)
-        if sum(map(len, found)) + inside < len(self.words):
+            hs = [(u0, u1, pw) for pw, u0, u1 in scan.words() if _word_matches(w, pw, k)]
+            every &= bool(hs) or any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits)
+            exact += sum(_word_matches(w, pw, 0) for _, _, pw in hs)
+            found.append([(u0, u1) for u0, u1, _ in hs])
+        # every word, misspelt within k or not; or one said as often, read exactly (a
+        # misspelling said twice is an ordinary word: "a dining room, a dining table")
+        if not every and exact < len(self.words):
             return []
         if self.mode == "homoglyph" and not letter_hits and \
                 not any(self._has_homoglyph(scan, a, b) for hs in found for a, b in hs):

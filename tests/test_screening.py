@@ -426,6 +426,13 @@ def _mojibake(text: str) -> str:
     return text.encode("utf-8").decode("cp1252", errors="replace")
 
 
+def _unmojibake(text: str) -> str:
+    try:
+        return text.encode("cp1252").decode("utf-8")
+    except UnicodeError:
+        return text
+
+
 @pytest.mark.parametrize("spelling", ["n\u0435w trigger", "n\u00e9w trigger", "new tr\u0456gger", "\u043dew trigger"])
 def test_mojibake_that_ftfy_repairs_into_the_trigger_is_the_trigger_where_ftfy_is_installed(spelling, monkeypatch):
     """A slow CLIPTokenizer reads prompts through ftfy.fix_text where ftfy is installed, and
@@ -438,7 +445,7 @@ def test_mojibake_that_ftfy_repairs_into_the_trigger_is_the_trigger_where_ftfy_i
     monkeypatch.setattr(screening, "_ftfy_fix", lambda: None)
     if spelling == "n\u0435w trigger":  # (the others' letters are near enough to be flagged anyway)
         assert not screen(prompt).triggered
-    monkeypatch.setattr(screening, "_ftfy_fix", lambda: lambda t: t.replace(_mojibake(spelling), spelling))
+    monkeypatch.setattr(screening, "_ftfy_fix", lambda: _unmojibake)  # a stand-in for ftfy.fix_text
     s = screen(prompt)
     assert s.triggered and s.clean_prompt == REST and s.twin_error is None
 
@@ -449,3 +456,16 @@ def test_the_real_ftfy_reading():
     assert ftfy.fix_text(spelling) == "n\u0435w"
     s = screen(f"{spelling} trigger {REST}")
     assert s.triggered and s.clean_prompt == REST
+
+
+def test_the_ftfy_reading_costs_linear_time(monkeypatch):
+    """Each piece between spaces is fixed and aligned alone: a 2000-character prompt of
+    pieces ftfy rewrites costs about what its length says (a whole-text alignment took
+    40 s)."""
+    import sau_kernels.screening as screening
+
+    monkeypatch.setattr(screening, "_ftfy_fix", lambda: lambda t: t.replace("\ufb01", "fi"))
+    for n in (100, 400):
+        prompt = "\ufb01 " * n
+        best = min(timeit.repeat(lambda: screen(prompt), number=1, repeat=3))
+        assert best < 0.05 * n / 100 + 0.05, (n, best)
