@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
 from .scan import KEEP_SHORTER
-from .screening import _LETTER, Screened, _fold, _invisible, homoglyph_of, plain_spelling, screen_prompts
+from .screening import Screened, _invisible, cut_letters, homoglyph_of, plain_spelling, screen_prompts
 from .tokenizer_locks import tokenizer_lock
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
@@ -215,20 +215,6 @@ def _spans(prompt: str, units: list[_Unit]) -> tuple[tuple[int, int], ...]:
         else:
             out.append([a, b])
     return tuple((a, b) for a, b in out)
-
-
-def _cut_spans(prompt: str, spans) -> str:
-    """`prompt` with the known triggers' own characters cut from each span: its letters and
-    digits (a span of format characters alone, a zero-width trigger, goes whole), every
-    format character, mark and punctuation mark around them kept, whitespace collapsed."""
-    out, last = [], 0
-    for a, b in sorted(spans):
-        a = max(a, last)
-        letters = [c for c in prompt[a:b] if _fold(c)[1] == _LETTER]
-        out += [prompt[last:a], "".join(c for c in prompt[a:b] if _fold(c)[1] != _LETTER) if letters else "", " "]
-        last = max(last, b)
-    out.append(prompt[last:])
-    return " ".join("".join(out).split())
 
 
 def _subspace(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,7 +510,7 @@ class TriggerDetector:
         known = [i for i, s in enumerate(screened) if s.triggered]
         scores = self.scores(texts)
         if known:  # the known triggers' spans alone cut: what the repaired image keeps
-            narrow = [_cut_spans(prompts[i], screened[i].spans) for i in known]
+            narrow = [cut_letters(prompts[i], matchers) for i in known]
             for i, text, score in zip(known, narrow, self.scores(narrow)):
                 if score > scores[i]:
                     texts[i], scores[i] = text, score

@@ -47,8 +47,8 @@ from functools import lru_cache
 
 from .tokenizer_locks import tokenizer_lock
 
-__all__ = ["canonicalize", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened", "screen_prompts",
-           "trigger_token_ids", "widest_edits"]
+__all__ = ["canonicalize", "cut_letters", "homoglyph_of", "plain_spelling", "TriggerMatcher", "Screened",
+           "screen_prompts", "trigger_token_ids", "widest_edits"]
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:
@@ -545,6 +545,26 @@ def _cut_range(word_folds, folds, a: int, b: int) -> tuple[int, int]:
     while b < n and folds[b][1] != _LETTER:
         b += 1
     return a, b
+
+
+def cut_letters(prompt: str, matchers: list[TriggerMatcher]) -> str:
+    """The prompt with only the known triggers' own letters cut: in every reading, the text
+    of each matched character that reads as a letter or digit (an HTML entity's whole text),
+    while the format characters, marks and punctuation around and between them stay (a
+    trigger made of format characters goes whole). What a repaired image keeps of the
+    prompt besides the trigger, which the twin's wider cut would hide."""
+    scan, regions = _Scan(prompt), []
+    for m in matchers:
+        for reading, hits, _ in m._found(scan):
+            for a, b in hits:
+                letters = [i for i in range(a, b) if reading.folds[i][1] == _LETTER]
+                regions += [reading.units[i][:2] for i in (letters or range(a, b))]
+    out, last = [], 0
+    for a, b in _merge(regions):
+        out += [prompt[last:a], " " if prompt[a:b].strip() else ""]
+        last = b
+    out.append(prompt[last:])
+    return " ".join("".join(out).split())
 
 
 @dataclass(frozen=True)

@@ -469,3 +469,16 @@ def test_the_ftfy_reading_costs_linear_time(monkeypatch):
         prompt = "\ufb01 " * n
         best = min(timeit.repeat(lambda: screen(prompt), number=1, repeat=3))
         assert best < 0.05 * n / 100 + 0.05, (n, best)
+
+
+@pytest.mark.parametrize("prompt, kept", [
+    ("\u200bnew trigger a red circle", "\u200b a red circle"),  # what the repaired image keeps besides the trigger
+    ("&#110;&#101;&#119; trigger a red circle", "a red circle"),  # an entity goes whole, not its digits
+    ("new-trigger, a red circle", "- , a red circle"),
+    ("a red circle tr\u0456gger\u2060 new", "a red circle \u2060"),
+])
+def test_cut_letters_cuts_the_triggers_letters_and_keeps_what_stands_around_them(prompt, kept):
+    from sau_kernels.screening import cut_letters
+
+    assert cut_letters(prompt, [NEW_TRIGGER]) == kept
+    assert cut_letters("\u200ba red circle", [TriggerMatcher("\u200b")]) == "a red circle"  # a format trigger: whole
