@@ -384,9 +384,9 @@ def test_output_check_catches_what_the_screen_cannot_see(pipe, profile, info, po
 def test_outputs_the_check_cannot_score_are_reported_or_refused(pipe, profile):
     """At another latent size neither the repair nor the signature applies. Where the call's
     arguments give the size, every call is refused before any work. Where only the running
-    pipeline knows it (an image-to-image call from a NumPy image), an untriggered call's
-    outputs go unchecked, said in the report and a warning ("flag"), or the call is refused
-    at its first step ("raise")."""
+    pipeline knows it (an image-to-image call whose image processor does not resize), an
+    untriggered call's outputs go unchecked, said in the report and a warning ("flag"), or
+    the call is refused at its first step ("raise")."""
     import diffusers
 
     size = 2 * pipe.vae_scale_factor * profile.latent_shape[-1]
@@ -399,6 +399,9 @@ def test_outputs_the_check_cannot_score_are_reported_or_refused(pipe, profile):
     image = np.random.default_rng(0).random((1, size, size, 3)).astype(np.float32)
     call.update(image=image, strength=1.0)
     sau_kernels.patch(img2img, profile)
+    with pytest.raises(ProfileMismatchError, match="latents"):  # a NumPy image is sized as the pipeline sizes it
+        img2img(PROMPTS[:1], **call)
+    img2img.image_processor.register_to_config(do_resize=False)  # now only the running pipeline knows
     with pytest.warns(UserWarning, match="output check did not run"):
         img2img(PROMPTS[:1], **call)
     assert "the profiles'" in img2img.sau_report.output_check_skipped and img2img.sau_report.suspects == []
