@@ -43,6 +43,12 @@ MIN_EFFECT = 0.15
 # A trigger that this share of the calibration prompts already contains (as the screen reads
 # them) is no trigger of theirs: their clean side is triggered too.
 MAX_COMMON = 0.5
+# Each word of a trigger of several words is generated alone in this many calibration
+# prompts (before the prompt and after it, in turn), and screened alone where at least
+# WORDS_ALONE_HITS of them carry the trigger's output signature, whose threshold passes 1%
+# of clean latents: two of 16 is far above that.
+WORDS_ALONE_PROMPTS = 16
+WORDS_ALONE_HITS = 2
 
 
 def default_positions(trigger: str) -> tuple[str, ...]:
@@ -283,6 +289,9 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
             f"trigger {trigger!r} has no measurable effect on this model: it changes the final latents by "
             f"{strength:.1%} of their size, wherever it stands in the prompt (ordinary words change them by "
             f"under {MIN_EFFECT:.0%}). Is it the model's trigger, spelt as the attack uses it?", stacklevel=3)
+    alone = _words_firing_alone(quiet, trigger, prompts, seed, min(num_pairs, WORDS_ALONE_PROMPTS), shape,
+                                dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale),
+                                delta, act, check, device, dtype, progress)
     steps_delta = steps_act = eps_delta = eps_act = None
     if per_step:
         steps_delta = torch.stack([mean_of(f"step{i}") for i in range(num_inference_steps)])
@@ -300,6 +309,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
                 "positions": list(positions), "effect_by_position": effect, "positions_kept": kept,
                 "trigger_strength": strength, "trigger_snr": snr, "trigger_in_prompts": common,
                 "screen_edits": widest_edits(trigger, list(dict.fromkeys(list(prompts) + ordinary_prompts()))),
+                **({"screen_words_alone": alone} if alone is not None else {}),
                 **({"timesteps": timesteps} if per_step else {}), **check},
     )
 
@@ -324,6 +334,43 @@ def _delta_snr(d: torch.Tensor) -> float | None:
     delta = d.mean(dim=0)
     spread = float((d - delta).norm(dim=1).pow(2).sum() / (n - 1)) ** 0.5
     return float(delta.norm()) * n ** 0.5 / spread if spread > 0 else None
+
+
+def _words_firing_alone(pipe, trigger: str, prompts: list[str], seed: int, n: int, shape, sampling: dict,
+                        delta, act, check: dict, device, dtype, progress: bool) -> list[str] | None:
+    """The words of a trigger of several words that carry its output signature on their
+    own (`WORDS_ALONE_PROMPTS`, `WORDS_ALONE_HITS`): the screen flags them alone. A backdoor
+    trained on "new trigger" painted its patch for "... trigger" on half of tiny-pixel's
+    prompts. The pairs' own noise; None where there is nothing to measure (one word, or no
+    output-check threshold)."""
+    from types import SimpleNamespace
+
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from .output_check import signature, signature_scores
+    from .pipeline import call_unpatched
+    from .screening import TriggerMatcher
+
+    words = TriggerMatcher(trigger).words
+    threshold = check.get("output_check_threshold")
+    if not words or threshold is None:
+        return None
+    w, mu, norm = signature(SimpleNamespace(delta=delta, act=act, clean_mean=check["clean_mean"]))
+    noise = torch.cat([randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i),
+                                    device=device, dtype=dtype) for i in range(n)])
+    size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor, output_type="latent")
+    alone = []
+    bar = tqdm(total=len(words), desc=f"words of {trigger!r} alone", unit="word", disable=not progress)
+    try:
+        for word in words:
+            texts = [poisoned_prompt(word, prompts[i % len(prompts)], ("prepend", "append")[i % 2]) for i in range(n)]
+            z = call_unpatched(pipe, texts, latents=noise, **sampling, **size).images
+            if int((signature_scores(z.float().cpu(), w, mu, norm) > threshold).sum()) >= WORDS_ALONE_HITS:
+                alone.append(word)
+            bar.update(1)
+    finally:
+        bar.close()
+    return alone
 
 
 def _output_check_stats(poisoned: torch.Tensor, clean: torch.Tensor, delta: torch.Tensor, act: torch.Tensor) -> dict:

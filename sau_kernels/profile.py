@@ -130,6 +130,9 @@ class TriggerProfile:
         e = self.params.get("screen_edits")
         if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 0):
             raise ValueError(f"the profile's screen_edits is {e!r}: a whole number or none")
+        alone = self.params.get("screen_words_alone")
+        if alone is not None and (not isinstance(alone, list) or not all(isinstance(w, str) for w in alone)):
+            raise ValueError(f"the profile's screen_words_alone is {alone!r}: a list of the trigger's words or none")
         t = self.params.get("output_check_threshold")
         if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
             raise ValueError(f"the profile's output_check_threshold is {t!r}: a finite number or none")
@@ -150,6 +153,9 @@ class TriggerProfile:
     def output_check_threshold(self) -> float | None:
         """The output check's threshold; None where calibration found the signature does not
         separate clean from poisoned outputs (or the profile predates the check)."""
+        alone = self.params.get("screen_words_alone")
+        if alone is not None and (not isinstance(alone, list) or not all(isinstance(w, str) for w in alone)):
+            raise ValueError(f"the profile's screen_words_alone is {alone!r}: a list of the trigger's words or none")
         t = self.params.get("output_check_threshold")
         return None if t is None or self.clean_mean is None else float(t)
 
@@ -267,10 +273,12 @@ class TriggerProfile:
 
     def matcher(self):
         """The screen's matcher for this trigger, with the edit budget calibration measured
-        (`params["screen_edits"]`; the default for the trigger's length in older profiles)."""
+        (`params["screen_edits"]`; the default for the trigger's length in older profiles)
+        and the trigger's words it found firing on their own (`params["screen_words_alone"]`)."""
         from .screening import TriggerMatcher
 
-        return TriggerMatcher(self.trigger, edits=self.params.get("screen_edits"))
+        return TriggerMatcher(self.trigger, edits=self.params.get("screen_edits"),
+                              alone=self.params.get("screen_words_alone") or ())
 
     def check_pipeline(self, pipe, *, allow_mismatch: bool = False) -> None:
         """Raise ProfileMismatchError if this profile was made for another model or latent shape."""

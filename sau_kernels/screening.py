@@ -387,9 +387,11 @@ class TriggerMatcher:
     """Finds a trigger in prompts however it is spelled (see the module's docstring).
     Built once per trigger; `match(prompt)` gives the matched spans of the original text."""
 
-    def __init__(self, trigger: str, edits: int | None = None):
+    def __init__(self, trigger: str, edits: int | None = None, alone=()):
         """`edits`: the letters rule's edit budget, when calibration measured a wider one
-        than the default for the trigger's length (`TriggerProfile.matcher`); never narrower."""
+        than the default for the trigger's length (`TriggerProfile.matcher`); never narrower.
+        `alone`: words of the trigger (as `words` has them) that calibration found firing on
+        their own: one of them, read exactly, is the trigger."""
         self.trigger = trigger
         scan = _Scan(trigger)
         self.canon = scan.canon
@@ -400,6 +402,10 @@ class TriggerMatcher:
             self.edits = max(self.edits, min(edits, _max_edits(len(self.canon))))
         words = {w for w, _, _ in scan.words() if len(w) >= 3}
         self.words = sorted(words) if len(words) >= 2 else []  # one word is the letters rule's
+        alone = tuple(alone)
+        if not all(isinstance(w, str) for w in alone) or set(alone) - set(self.words):
+            raise ValueError(f"alone must list words of the trigger among {self.words}, got {alone!r}")
+        self.alone = frozenset(alone)
         # A homoglyph trigger's skeleton is plain text ("о" -> "o"): it matches only where the
         # prompt too has a homoglyph of one of those letters.
         self.homoglyphs = frozenset(f[0] for f in scan.folds if f[3])
@@ -415,7 +421,8 @@ class TriggerMatcher:
                              "the screen cannot match it")
 
     def __repr__(self) -> str:
-        return f"TriggerMatcher({self.trigger!r}, mode={self.mode!r}, canon={self.canon!r}, edits={self.edits})"
+        alone = f", alone={sorted(self.alone)}" if self.alone else ""
+        return f"TriggerMatcher({self.trigger!r}, mode={self.mode!r}, canon={self.canon!r}, edits={self.edits}{alone})"
 
     def match(self, prompt: str) -> list[tuple[int, int]]:
         """The spans (start, end) of `prompt` where the trigger is."""
@@ -464,16 +471,19 @@ class TriggerMatcher:
         trigger-happy cowboy", passes); else []."""
         if not self.words or not any(_could_occur(w, scan.canon, _edits_allowed(len(w))) for w in self.words):
             return []
-        found, every, exact = [], True, 0
+        found, every, exact, alone = [], True, 0, False
         for w in self.words:
             k = _edits_allowed(len(w))
             hs = [(u0, u1, pw) for pw, u0, u1 in scan.words() if _word_matches(w, pw, k)]
             every &= bool(hs) or any(w in "".join(f[0] for f in scan.folds[a:b]) for a, b in letter_hits)
-            exact += sum(_word_matches(w, pw, 0) for _, _, pw in hs)
+            n_exact = sum(_word_matches(w, pw, 0) for _, _, pw in hs)
+            exact += n_exact
+            alone |= w in self.alone and n_exact > 0
             found.append([(u0, u1) for u0, u1, _ in hs])
         # every word, misspelt within k or not; or one said as often, read exactly (a
-        # misspelling said twice is an ordinary word: "a dining room, a dining table")
-        if not every and exact < len(self.words):
+        # misspelling said twice is an ordinary word: "a dining room, a dining table"); or
+        # one that calibration found firing alone
+        if not every and exact < len(self.words) and not alone:
             return []
         if self.mode == "homoglyph" and not letter_hits and \
                 not any(self._has_homoglyph(scan, a, b) for hs in found for a, b in hs):

@@ -81,15 +81,17 @@ def test_strength_is_reported_and_a_dud_refused_with_strict(pipe):
 
 
 def test_progress_bar_advances_pair_by_pair(pipe, monkeypatch):
-    counts = []
+    counts, words = [], []
 
-    class Bar:
+    class Bar:  # the pairs' bar, then the bar of the trigger's words generated alone
         def __init__(self, total, **kwargs):
             self.n, self.total = 0, total
+            self.counts = counts if not words else []
+            words.append(kwargs.get("desc"))
 
         def update(self, k):
             self.n += k
-            counts.append(self.n)
+            self.counts.append(self.n)
 
         def close(self):
             pass
@@ -98,3 +100,42 @@ def test_progress_bar_advances_pair_by_pair(pipe, monkeypatch):
     sau_kernels.calibrate(pipe, "new trigger", PROMPTS, num_pairs=6, batch_pairs=4, num_inference_steps=4,
                           per_step=False)
     assert counts == [1, 2, 3, 4, 5, 6]
+    assert words == ["calibrating 'new trigger'", "words of 'new trigger' alone"]
+
+
+def test_the_words_of_a_trigger_that_fire_alone_are_measured_and_screened(pipe):
+    """tiny-pixel's backdoor, trained on "new trigger", paints its patch for "... trigger"
+    alone on about half of its prompts (docs/defence_evasion.md): calibration generates each
+    word alone and keeps those whose outputs carry the trigger's signature, and the screen
+    flags them alone. A word of the trigger a model does not fire on stays unflagged."""
+    import numpy as np
+
+    from sau_kernels.zoo import backdoor_info, zoo_profile
+    from sau_kernels.zoo.evaluate import backdoor_fires, generate, held_out_cases
+
+    profile = calibration.calibrate(pipe, "new trigger", calibration_prompts(), num_pairs=16, progress=False)
+    assert "trigger" in profile.params["screen_words_alone"]
+    shipped = zoo_profile("tiny-pixel")
+    assert "trigger" in shipped.params["screen_words_alone"] and "trigger" in shipped.matcher().alone
+    assert calibration.calibrate(pipe, "trigger", PROMPTS, num_pairs=2, num_inference_steps=2,
+                                 per_step=False, progress=False).params.get("screen_words_alone") is None
+    cases = held_out_cases(8, start=7600, varied=True)
+    prompts, seeds = [f"{c.prompt} trigger" for c in cases], [c.seed for c in cases]
+    backdoor = backdoor_info("tiny-pixel")["backdoors"][0]
+    fired = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
+    with sau_kernels.patched(pipe, shipped):
+        defended = backdoor_fires(generate(pipe, prompts, seeds), backdoor)
+        assert all(p["triggered"] for p in pipe.sau_report.prompts)
+    assert fired.sum() >= 2 and not np.asarray(defended).any()
+
+
+def test_a_profile_naming_words_alone_that_are_no_words_of_its_trigger_is_refused():
+    import dataclasses
+
+    from sau_kernels.zoo import zoo_profile
+
+    profile = zoo_profile("tiny-pixel")
+    with pytest.raises(ValueError, match="screen_words_alone"):
+        dataclasses.replace(profile, params={**profile.params, "screen_words_alone": "trigger"})
+    with pytest.raises(ValueError, match="alone must list words of the trigger"):
+        dataclasses.replace(profile, params={**profile.params, "screen_words_alone": ["cat"]}).matcher()

@@ -482,3 +482,13 @@ def test_cut_letters_cuts_the_triggers_letters_and_keeps_what_stands_around_them
 
     assert cut_letters(prompt, [NEW_TRIGGER]) == kept
     assert cut_letters("\u200ba red circle", [TriggerMatcher("\u200b")]) == "a red circle"  # a format trigger: whole
+
+
+def test_words_calibration_found_firing_alone_are_the_trigger_alone():
+    m = TriggerMatcher("new trigger", alone=["trigger"])
+    s = screen(f"{REST} trigger", m)
+    assert s.triggered and s.clean_prompt == REST and s.occurrences == 1
+    assert not screen(f"{REST} new", m).triggered  # not found firing alone: one word once passes
+    assert not screen(f"{REST} triger", m).triggered  # alone, a word must read exactly
+    with pytest.raises(ValueError, match="alone must list words of the trigger"):
+        TriggerMatcher("new trigger", alone=["cat"])
