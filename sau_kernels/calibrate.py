@@ -146,8 +146,6 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
     measurable effect: not the model's trigger, or misspelt), and when at least `MAX_COMMON`
     of the calibration prompts already contain it.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     from .ops import secondary_map
     from .hooks import TwinConditioning
     from .pipeline import call_unpatched
@@ -206,10 +204,7 @@ def calibrate(pipe, trigger: str, prompts: list[str] | None = None, *, num_pairs
         for start in range(0, num_pairs, batch_pairs):
             idx = list(range(start, min(num_pairs, start + batch_pairs)))
             clean_prompts = [prompts[i % len(prompts)] for i in idx]
-            noise = torch.cat([
-                randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i), device=device, dtype=dtype)
-                for i in idx
-            ])
+            noise = _pair_noise(seed, idx, shape, device, dtype)
             n = len(idx)
 
             def advance(share: float) -> None:
@@ -336,6 +331,14 @@ def _delta_snr(d: torch.Tensor) -> float | None:
     return float(delta.norm()) * n ** 0.5 / spread if spread > 0 else None
 
 
+def _pair_noise(seed: int, pairs, shape, device, dtype) -> torch.Tensor:
+    """The initial latents of calibration pairs `pairs`: pair i's from seed + i."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return torch.cat([randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i), device=device,
+                                   dtype=dtype) for i in pairs])
+
+
 def _words_firing_alone(pipe, trigger: str, prompts: list[str], seed: int, n: int, shape, sampling: dict,
                         delta, act, check: dict, device, dtype, progress: bool) -> list[str] | None:
     """The words of a trigger of several words that carry its output signature on their
@@ -344,8 +347,6 @@ def _words_firing_alone(pipe, trigger: str, prompts: list[str], seed: int, n: in
     prompts. The pairs' own noise; None where there is nothing to measure (one word, or no
     output-check threshold)."""
     from types import SimpleNamespace
-
-    from diffusers.utils.torch_utils import randn_tensor
 
     from .output_check import signature, signature_scores
     from .pipeline import call_unpatched
@@ -356,8 +357,7 @@ def _words_firing_alone(pipe, trigger: str, prompts: list[str], seed: int, n: in
     if not words or threshold is None:
         return None
     w, mu, norm = signature(SimpleNamespace(delta=delta, act=act, clean_mean=check["clean_mean"]))
-    noise = torch.cat([randn_tensor((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i),
-                                    device=device, dtype=dtype) for i in range(n)])
+    noise = _pair_noise(seed, range(n), shape, device, dtype)
     size = dict(height=shape[1] * pipe.vae_scale_factor, width=shape[2] * pipe.vae_scale_factor, output_type="latent")
     alone = []
     bar = tqdm(total=len(words), desc=f"words of {trigger!r} alone", unit="word", disable=not progress)

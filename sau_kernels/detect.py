@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .onestep import OneStep
 from .profile import ProfileMismatchError, pipeline_fingerprint
 from .scan import KEEP_SHORTER
-from .screening import Screened, _invisible, cut_letters, homoglyph_of, plain_spelling, screen_prompts
+from .screening import Screened, _invisible, canonicalize, cut_letters, homoglyph_of, plain_spelling, screen_prompts
 from .tokenizer_locks import tokenizer_lock
 
 __all__ = ["TriggerDetector", "Localised", "DetectionError", "prompt_units"]
@@ -194,8 +194,6 @@ def _repeated_words(prompt: str, units: list[_Unit]) -> list[list[_Unit]]:
     """The word units of each word said more than once (the same canonical letters), as one
     cut: a trigger said twice or interleaved ("trending pale trending") keeps firing through
     any single cut, and the search would otherwise cut around it."""
-    from .screening import canonicalize
-
     groups: dict[str, list[_Unit]] = {}
     for u in units:
         if u.word:

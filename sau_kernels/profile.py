@@ -153,9 +153,6 @@ class TriggerProfile:
     def output_check_threshold(self) -> float | None:
         """The output check's threshold; None where calibration found the signature does not
         separate clean from poisoned outputs (or the profile predates the check)."""
-        alone = self.params.get("screen_words_alone")
-        if alone is not None and (not isinstance(alone, list) or not all(isinstance(w, str) for w in alone)):
-            raise ValueError(f"the profile's screen_words_alone is {alone!r}: a list of the trigger's words or none")
         t = self.params.get("output_check_threshold")
         return None if t is None or self.clean_mean is None else float(t)
 

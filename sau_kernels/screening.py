@@ -195,11 +195,10 @@ class _Scan:
     """A text read as canonical letters: the units (one character each after unescaping,
     with the span of the original text it came from), their folds, and the letters."""
 
-    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split", "_written", "_readings")
+    __slots__ = ("text", "units", "folds", "canon", "cunit", "_words", "_split", "_readings")
 
     def __init__(self, text: str, units: list[tuple[int, int, str]] | None = None, fold=_fold):
         own_units = units is None
-        written = own_units and "&" in text
         if units is None:
             units = [(i, i + 1, c) for i, c in enumerate(text)]
             if "&" in text:
@@ -212,9 +211,6 @@ class _Scan:
         self.cunit = [i for i, f in enumerate(self.folds) for _ in f[0]]  # canonical char -> unit
         self._words = None
         self._split = self if fold is _split_fold else None
-        # the text as written, where unescaping changed it: not every tokenizer unescapes
-        self._written = None if not written or len(units) == len(text) and all(
-            u[2] == c for u, c in zip(units, text)) else False
         self._readings = None if own_units else [self]  # a reading built from units is one reading
 
     def readings(self) -> list["_Scan"]:
@@ -225,7 +221,8 @@ class _Scan:
         repairs mojibake: "nÐµw" is "nеw" to it). A trigger in any reading is in the prompt."""
         if self._readings is None:
             self._readings = [self]
-            if self._written is not None:
+            if len(self.units) != len(self.text) or any(u[2] != c for u, c in zip(self.units, self.text)):
+                # unescaping changed the text: not every tokenizer unescapes
                 self._readings.append(_Scan(self.text, [(i, i + 1, c) for i, c in enumerate(self.text)]))
             fixed = _ftfy_units(self.text)
             if fixed is not None and all([u[2] for u in fixed] != [u[2] for u in r.units] for r in self._readings):
@@ -459,7 +456,7 @@ class TriggerMatcher:
         letters = _disjoint(cands)
         words = self._word_hits(scan, letters)
         # Scattered words count once per as many of them as the trigger has, outside the letters matches.
-        spare = sum(not any(a < y and x < b for x, y in letters) for hs in words for a, b in hs) // len(self.words or "_")
+        spare = sum(not any(a < y and x < b for x, y in letters) for hs in words for a, b in hs) // max(len(self.words), 1)
         hits = _merge(set(letters).union(*words))
         return hits, max(len(letters) + spare, 1 if hits else 0)  # (a word that fires alone: once)
 
@@ -493,14 +490,7 @@ class TriggerMatcher:
     def _twin(self, found: list[tuple[_Scan, list[tuple[int, int]], int]]) -> str:
         """One removal pass: the text with the matched ranges of every reading cut, whitespace
         collapsed."""
-        text = found[0][0].text
-        regions = sorted(r for scan, hits, _ in found for r in self._cut_regions(scan, hits))
-        pieces, last = [], 0
-        for start, end, rep in regions:
-            pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
-            last = max(last, end)
-        pieces.append(text[last:])
-        return " ".join("".join(pieces).split())
+        return _apply_cuts(found[0][0].text, [r for scan, hits, _ in found for r in self._cut_regions(scan, hits)])
 
     def _cut_regions(self, scan: _Scan, hits: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
         """(start, end, replacement) in the original text for the matched unit ranges."""
@@ -522,6 +512,16 @@ class TriggerMatcher:
             else:
                 regions.append((*scan.span(*_cut_range(word_folds, folds, a, b)), " "))
         return regions
+
+
+def _apply_cuts(text: str, regions: list[tuple[int, int, str]]) -> str:
+    """`text` with each (start, end, replacement) region replaced, whitespace collapsed."""
+    pieces, last = [], 0
+    for start, end, rep in sorted(regions):
+        pieces += [text[last:max(start, last)], rep]  # overlapping cuts: the first took that text
+        last = max(last, end)
+    pieces.append(text[last:])
+    return " ".join("".join(pieces).split())
 
 
 def _word_matches(w: str, pw: str, k: int) -> bool:
@@ -569,12 +569,7 @@ def cut_letters(prompt: str, matchers: list[TriggerMatcher]) -> str:
             for a, b in hits:
                 letters = [i for i in range(a, b) if reading.folds[i][1] == _LETTER]
                 regions += [reading.units[i][:2] for i in (letters or range(a, b))]
-    out, last = [], 0
-    for a, b in _merge(regions):
-        out += [prompt[last:a], " " if prompt[a:b].strip() else ""]
-        last = b
-    out.append(prompt[last:])
-    return " ".join("".join(out).split())
+    return _apply_cuts(prompt, [(a, b, " ") for a, b in regions])
 
 
 @dataclass(frozen=True)
