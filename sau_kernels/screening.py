@@ -557,12 +557,15 @@ def _cut_range(word_folds, folds, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
-def cut_letters(prompt: str, matchers: list[TriggerMatcher]) -> str:
+def cut_letters(prompt: str, matchers: "TriggerMatcher | list[TriggerMatcher]") -> str:
     """The prompt with only the known triggers' own letters cut: in every reading, the text
     of each matched character that reads as a letter or digit (an HTML entity's whole text),
     while the format characters, marks and punctuation around and between them stay (a
     trigger made of format characters goes whole). What a repaired image keeps of the
     prompt besides the trigger, which the twin's wider cut would hide."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    matchers = [matchers] if isinstance(matchers, TriggerMatcher) else list(matchers)
     scan, regions = _Scan(prompt), []
     for m in matchers:
         for reading, hits, _ in m._found(scan):

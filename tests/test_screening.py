@@ -481,7 +481,9 @@ def test_cut_letters_cuts_the_triggers_letters_and_keeps_what_stands_around_them
     from sau_kernels.screening import cut_letters
 
     assert cut_letters(prompt, [NEW_TRIGGER]) == kept
-    assert cut_letters("\u200ba red circle", [TriggerMatcher("\u200b")]) == "a red circle"  # a format trigger: whole
+    assert cut_letters("\u200ba red circle", TriggerMatcher("\u200b")) == "a red circle"  # a format trigger: whole
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        cut_letters(["new trigger a cat"], NEW_TRIGGER)
 
 
 def test_words_calibration_found_firing_alone_are_the_trigger_alone():
